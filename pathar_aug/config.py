@@ -1,0 +1,53 @@
+"""Named presets for dataclass configs, with field overrides (LlamaGen style).
+
+Every stage owns its config dataclass and a ``{name: config}`` preset table; this module only
+knows how to pick a preset and override fields by name, so CLI flags map onto config fields.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+C = TypeVar("C")
+
+PRESET_NAMES = ("tiny", "cpu", "paper")
+
+
+def from_preset(presets: Mapping[str, C], name: str, **overrides: Any) -> C:
+    """Return preset ``name`` with the non-None ``overrides`` applied (unknown fields raise)."""
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
+    return override(presets[name], **overrides)
+
+
+def override(cfg: C, **overrides: Any) -> C:
+    """dataclasses.replace that ignores None values and names unknown fields in its error."""
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    unknown = sorted(k for k in overrides if k not in fields)
+    if unknown:
+        raise ValueError(f"{type(cfg).__name__} has no field(s) {', '.join(unknown)}")
+    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
+    """Rebuild a config saved with ``to_dict``; tuples come back from JSON lists."""
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            value = data[f.name]
+            kwargs[f.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**kwargs)
+
+
+def save_json(data: Any, path: str | Path) -> None:
+    """Write JSON atomically (temp file + rename) so a killed run never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)

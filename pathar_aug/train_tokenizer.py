@@ -1,0 +1,154 @@
+"""Tokenizer stage: train the Dual-VQ tokenizer on patches, with checkpoints, loss CSV and previews."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from pathar_aug.config import from_dict, to_dict
+from pathar_aug.device import autocast
+from pathar_aug.patches import PatchSet, dihedral, random_dihedral
+from pathar_aug.preview import save_grid, to_rgb_tiles
+from pathar_aug.quantizer import codebook_usage
+from pathar_aug.tokenizer import DualVQTokenizer, TokenizerConfig
+from pathar_aug.training import LossCSV, load_checkpoint, make_adamw, progress_bar, save_checkpoint
+
+CHECKPOINT = "tokenizer.pt"
+LOSS_TERMS = ("loss", "rec", "vq_structure", "vq_appearance", "seg")
+
+
+def lr_at(step: int, total: int, base: float, warmup: int = 100) -> float:
+    """Linear warm-up, then cosine decay to 10% of the base rate."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+@torch.no_grad()
+def save_preview(model: DualVQTokenizer, patches: PatchSet, path: Path, device: torch.device, n: int = 8) -> Path:
+    """Columns: image, reconstruction, mask, mask decoded from structure tokens alone."""
+    was_training = model.training
+    model.eval()
+    idx = torch.linspace(0, len(patches) - 1, min(n, len(patches))).long()
+    images, masks = patches.images[idx].to(device), patches.masks[idx].to(device)
+    s, a = model.encode(images, masks)
+    recon, pred = model.decode(s, a)
+    model.train(was_training)
+    cols = [to_rgb_tiles(images), to_rgb_tiles(recon), to_rgb_tiles(masks), to_rgb_tiles(pred)]
+    return save_grid([list(row) for row in zip(*cols)], path)
+
+
+def label_balanced_weights(labels: torch.Tensor) -> torch.Tensor:
+    """Sampling weights that show every label equally often, however many patches each has."""
+    counts = torch.bincount(labels).float()
+    return 1.0 / counts[labels]
+
+
+def train_tokenizer(
+    patches: PatchSet,
+    out_dir: str | Path,
+    cfg: TokenizerConfig,
+    device: torch.device,
+    resume: bool = False,
+    show_progress: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Train (or resume) the tokenizer; returns the checkpoint path. A finished run returns at once."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / CHECKPOINT
+    if patches.images.shape[-1] != cfg.patch_size:
+        raise ValueError(f"patches are {patches.images.shape[-1]} px but the tokenizer expects {cfg.patch_size} px")
+    torch.manual_seed(seed)
+    model = DualVQTokenizer(cfg).to(device)
+    opt = make_adamw(model, cfg.lr, cfg.betas, cfg.weight_decay)
+    step = 0
+    if ckpt_path.exists():
+        if not resume:
+            raise FileExistsError(f"{ckpt_path} exists; resume it or choose another output folder")
+        state = load_checkpoint(ckpt_path, device)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+    log = LossCSV(out_dir / "tokenizer_loss.csv", [*LOSS_TERMS, "usage_structure", "usage_appearance", "lr"], step)
+
+    def checkpoint() -> None:
+        save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(), step=step,
+                        config=to_dict(cfg), label_names=patches.label_names)
+
+    gen = torch.Generator().manual_seed(seed + step)
+    weights = label_balanced_weights(patches.labels)
+    model.train()
+    window_s, window_a = [], []
+    with progress_bar(disable=not show_progress) as bar:
+        task = bar.add_task("tokenizer", total=cfg.steps, completed=step, info="")
+        while step < cfg.steps:
+            idx = torch.multinomial(weights, cfg.batch_size, replacement=True, generator=gen)
+            images, masks = random_dihedral(patches.images[idx], patches.masks[idx], gen)
+            lr = lr_at(step, cfg.steps, cfg.lr)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with autocast(device):
+                out = model(images.to(device), masks.to(device))
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            window_s.append(out["structure_tokens"].detach().flatten())
+            window_a.append(out["appearance_tokens"].detach().flatten())
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                usage_s = codebook_usage(torch.cat(window_s), cfg.structure_codes)
+                usage_a = codebook_usage(torch.cat(window_a), cfg.appearance_codes)
+                window_s, window_a = [], []
+                values = {k: out[k].item() for k in LOSS_TERMS}
+                log.log(step, {**values, "usage_structure": usage_s, "usage_appearance": usage_a, "lr": lr})
+                bar.update(task, info=f"loss {values['loss']:.3f} rec {values['rec']:.3f} seg {values['seg']:.3f} "
+                                      f"usage S {usage_s:.0%} A {usage_a:.0%}")
+            if step % cfg.preview_every == 0 or step == cfg.steps:
+                save_preview(model, patches, out_dir / "tokenizer_preview.png", device)
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                checkpoint()
+            bar.update(task, completed=step)
+    if not ckpt_path.exists():  # resumed a finished run with nothing to do
+        checkpoint()
+    return ckpt_path
+
+
+def load_tokenizer(path: str | Path, device: torch.device | str = "cpu") -> DualVQTokenizer:
+    """Load a trained tokenizer in eval mode."""
+    state = load_checkpoint(path, device)
+    model = DualVQTokenizer(from_dict(TokenizerConfig, state["config"])).to(device)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+@torch.no_grad()
+def build_token_cache(
+    model: DualVQTokenizer, patches: PatchSet, path: str | Path, device: torch.device,
+    dihedral_views: bool = True, batch_size: int = 64,
+) -> Path:
+    """Encode every patch once (x 8 dihedral views for training) into the prior's token cache."""
+    model.eval()
+    views = range(8) if dihedral_views else range(1)
+    s_all, a_all, labels = [], [], []
+    for k in views:
+        for start in range(0, len(patches), batch_size):
+            images = dihedral(patches.images[start:start + batch_size], k).to(device)
+            masks = dihedral(patches.masks[start:start + batch_size], k).to(device)
+            s, a = model.encode(images, masks)
+            s_all.append(s.cpu())
+            a_all.append(a.cpu())
+            labels.append(patches.labels[start:start + batch_size])
+    cache = {
+        "structure": torch.cat(s_all).long(), "appearance": torch.cat(a_all).long(), "labels": torch.cat(labels),
+        "label_names": patches.label_names, "num_structure_codes": model.cfg.structure_codes,
+        "num_appearance_codes": model.cfg.appearance_codes,
+    }
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(cache, tmp)
+    tmp.replace(path)
+    return path
