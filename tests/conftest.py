@@ -1,0 +1,43 @@
+"""Shared test helpers: small real-looking image/mask folders written as real files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+DEMO = Path(__file__).resolve().parent.parent / "pathar_aug" / "demo_data"
+
+
+def disc_pair(size: int, rng: np.random.Generator, dark_background: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """An RGB image with bright (or dark) discs and its binary mask."""
+    yy, xx = np.mgrid[:size, :size]
+    mask = np.zeros((size, size), np.uint8)
+    for _ in range(rng.integers(2, 6)):
+        cy, cx, r = rng.integers(4, size - 4), rng.integers(4, size - 4), rng.integers(3, max(4, size // 6))
+        mask[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 1
+    base = np.where(mask[..., None] > 0, [200, 180, 220], [20, 20, 30]) if dark_background else \
+        np.where(mask[..., None] > 0, [90, 40, 120], [230, 220, 235])
+    image = np.clip(base + rng.normal(0, 8, (size, size, 3)), 0, 255).astype(np.uint8)
+    return image, mask
+
+
+def write_pair_folders(root: Path, n: int = 4, size: int = 48, labels: tuple[str, ...] = (), seed: int = 0
+                       ) -> tuple[Path, Path]:
+    """images/ and masks/ folders of PNG pairs; with labels, one subfolder per label."""
+    rng = np.random.default_rng(seed)
+    images, masks = root / "images", root / "masks"
+    for i in range(n):
+        label = labels[i % len(labels)] if labels else ""
+        image, mask = disc_pair(size, rng, dark_background=(i % 2 == 0))
+        (images / label).mkdir(parents=True, exist_ok=True)
+        (masks / label).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(images / label / f"case{i:03d}.png")
+        Image.fromarray(mask * 255).save(masks / label / f"case{i:03d}.png")
+    return images, masks
+
+
+@pytest.fixture
+def pair_folders(tmp_path: Path) -> tuple[Path, Path]:
+    return write_pair_folders(tmp_path)

@@ -1,0 +1,133 @@
+import dataclasses
+
+import pytest
+import torch
+
+from pathar_aug.config import from_preset
+from pathar_aug.ingest import load_pairs
+from pathar_aug.metrics import reconstruction_report
+from pathar_aug.patches import make_patches
+from pathar_aug.quantizer import VectorQuantizer, codebook_usage
+from pathar_aug.tokenizer import TOKENIZER_PRESETS, DualVQTokenizer
+from pathar_aug.train_tokenizer import build_token_cache, load_tokenizer, train_tokenizer
+from tests.conftest import write_pair_folders
+
+
+def test_straight_through_gradient_reaches_the_encoder_output():
+    vq = VectorQuantizer(16, 4)
+    z = torch.randn(2, 4, 3, 3, requires_grad=True)
+    q, _, _ = vq(z)
+    weight = torch.randn_like(q)
+    (q * weight).sum().backward()
+    # straight-through: dq/dz is the identity up to the normalisation's Jacobian, so it is nonzero
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    # and the forward value is exactly the chosen (normalised) code
+    idx = vq.assign_map(z.detach())
+    torch.testing.assert_close(q.detach(), vq.lookup(idx), rtol=1e-5, atol=1e-5)
+
+
+def test_nearest_code_assignment_is_the_cosine_argmax():
+    vq = VectorQuantizer(8, 3).eval()
+    codes = vq.codes().detach()
+    z = codes[[5, 2, 7]] * torch.tensor([[2.0], [0.5], [3.0]]) + 0.01 * torch.randn(3, 3)
+    assert vq.assign(z).tolist() == [5, 2, 7]
+    zs = torch.randn(50, 3)
+    dists = torch.cdist(torch.nn.functional.normalize(zs, dim=-1), codes)
+    assert torch.equal(vq.assign(zs), dists.argmin(dim=-1))
+
+
+def test_dead_code_restart_raises_usage():
+    torch.manual_seed(0)
+    data = torch.randn(256, 4) * torch.tensor([1.0, 1.0, 0.1, 0.1])
+
+    def usage_after(dead_after: int) -> float:
+        torch.manual_seed(1)
+        vq = VectorQuantizer(64, 4, dead_after=dead_after)
+        vq.initialised.fill_(True)  # start from a collapsed codebook: every code in one corner
+        vq.codebook.weight.data = torch.tensor([1.0, 0, 0, 0]) + 0.01 * torch.randn(64, 4)
+        vq.train()
+        for _ in range(30):
+            vq(data.t().reshape(1, 4, 16, 16))
+        return codebook_usage(vq.assign(data), 64)
+
+    assert usage_after(dead_after=5) > usage_after(dead_after=10_000) + 0.3
+
+
+@pytest.mark.parametrize("preset", ["tiny", "cpu", "paper"])
+def test_shapes_for_every_preset(preset):
+    cfg = TOKENIZER_PRESETS[preset]
+    model = DualVQTokenizer(cfg).eval()
+    p, (h, w) = cfg.patch_size, cfg.grid
+    images = torch.randint(0, 256, (2, 3, p, p), dtype=torch.uint8)
+    masks = (torch.rand(2, 1, p, p) > 0.5).to(torch.uint8)
+    with torch.no_grad():
+        s, a = model.encode(images, masks)
+        assert s.shape == a.shape == (2, h, w)
+        assert s.max() < cfg.structure_codes and a.max() < cfg.appearance_codes
+        img, msk = model.decode(s, a)
+    assert img.shape == (2, 3, p, p) and img.dtype == torch.uint8
+    assert msk.shape == (2, 1, p, p) and set(msk.unique().tolist()) <= {0, 1}
+
+
+def test_mask_decoder_does_not_depend_on_appearance():
+    cfg = TOKENIZER_PRESETS["tiny"]
+    model = DualVQTokenizer(cfg).eval()
+    h, w = cfg.grid
+    s = torch.randint(0, cfg.structure_codes, (2, h, w))
+    a1, a2 = torch.randint(0, cfg.appearance_codes, (2, 2, h, w))
+    with torch.no_grad():
+        _, m1 = model.decode(s, a1)
+        _, m2 = model.decode(s, a2)
+        i1, i2 = model.decode_image(s, a1), model.decode_image(s, a2)
+        torch.testing.assert_close(model.decode_mask_logits(s), model.decode_mask_logits(s))
+    assert torch.equal(m1, m2)
+    assert not torch.equal(i1, i2)  # the image decoder does read A
+    # and the mask decoder has no path from A: no appearance parameter gets a gradient from it
+    model.zero_grad()
+    model.decode_mask_logits(s).sum().backward()
+    assert all(p.grad is None for p in model.appearance_vq.parameters())
+    assert all(p.grad is None for p in model.appearance_encoder.parameters())
+
+
+def test_paper_preset_with_paper_prior_lands_near_170m_parameters():
+    from pathar_aug.prior import PRIOR_PRESETS, InterleavedPrior
+
+    tok = DualVQTokenizer(TOKENIZER_PRESETS["paper"])
+    prior = InterleavedPrior(PRIOR_PRESETS["paper"], 1024, 1024, grid=(16, 16), num_labels=3)
+    total = sum(p.numel() for m in (tok, prior) for p in m.parameters()) / 1e6
+    assert 100 < total < 240, total  # paper: 170.73 M
+
+
+def test_flags_override_preset_fields():
+    cfg = from_preset(TOKENIZER_PRESETS, "tiny", steps=7, lr=None)
+    assert cfg.steps == 7 and cfg.lr == TOKENIZER_PRESETS["tiny"].lr
+    with pytest.raises(ValueError, match="no field"):
+        from_preset(TOKENIZER_PRESETS, "tiny", stepz=3)
+    with pytest.raises(ValueError, match="unknown preset"):
+        from_preset(TOKENIZER_PRESETS, "huge")
+
+
+def test_training_learns_resumes_and_writes_its_files(tmp_path):
+    images, masks = write_pair_folders(tmp_path / "data", n=6, size=32)
+    patches = make_patches(load_pairs(images, masks), 32)
+    cfg = dataclasses.replace(TOKENIZER_PRESETS["tiny"], steps=60, ckpt_every=30)
+    device = torch.device("cpu")
+    model0 = DualVQTokenizer(cfg)
+    before = reconstruction_report(model0, patches, device)["nuclei"]
+    half = dataclasses.replace(cfg, steps=30)
+    train_tokenizer(patches, tmp_path / "run", half, device, show_progress=False)
+    with pytest.raises(FileExistsError):
+        train_tokenizer(patches, tmp_path / "run", cfg, device, show_progress=False)
+    ckpt = train_tokenizer(patches, tmp_path / "run", cfg, device, resume=True, show_progress=False)
+    assert torch.load(ckpt, weights_only=False)["step"] == 60
+    rows = (tmp_path / "run" / "tokenizer_loss.csv").read_text().strip().splitlines()
+    steps = [int(r.split(",")[0]) for r in rows[1:]]
+    assert steps == sorted(set(steps)) and steps[-1] == 60  # resumed without duplicated rows
+    assert (tmp_path / "run" / "tokenizer_preview.png").stat().st_size > 0
+    model = load_tokenizer(ckpt)
+    after = reconstruction_report(model, patches, device)["nuclei"]
+    assert after["psnr"] > before["psnr"] + 3
+    assert after["mask_dice"] > before["mask_dice"]
+    cache = torch.load(build_token_cache(model, patches, tmp_path / "tokens.pt", device), weights_only=False)
+    assert cache["structure"].shape == (8 * len(patches), *cfg.grid)
+    assert cache["label_names"] == ["nuclei"] and cache["num_appearance_codes"] == cfg.appearance_codes
