@@ -1,0 +1,225 @@
+"""One run folder from a user's folders to a trained generator, and generation from it.
+
+    runs/NAME/
+      run.json                  settings, data summary, label names (written first)
+      data/patches.pt           train / held-out patches (split by source image)
+      tokenizer/                tokenizer.pt, tokenizer_loss.csv, tokenizer_preview.png
+      tokens/                   train_tokens.pt (x8 dihedral views), heldout_tokens.pt
+      prior/                    prior.pt, prior_loss.csv, held-out NLL
+      samples_preview.png       one row of generated pairs per label
+
+Every stage checks whether its output is complete and skips it, so an interrupted run resumes
+where it stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from pathar_aug.config import from_dict, from_preset, save_json, to_dict
+from pathar_aug.ingest import MASK_SUFFIXES, IngestError, load_pairs, read_mask
+from pathar_aug.patches import PatchSet, make_patches, split_by_image, tile_starts
+from pathar_aug.preview import save_grid, to_rgb_tiles
+from pathar_aug.prior import PRIOR_PRESETS, InterleavedPrior, PriorConfig
+from pathar_aug.sampler import SamplingConfig, sample_tokens
+from pathar_aug.tokenizer import TOKENIZER_PRESETS, DualVQTokenizer, TokenizerConfig
+from pathar_aug.train_prior import load_prior, train_prior
+from pathar_aug.train_tokenizer import build_token_cache, load_tokenizer, train_tokenizer
+from pathar_aug.training import load_checkpoint
+
+RUN_FILE = "run.json"
+TOKENIZER_CKPT = Path("tokenizer") / "tokenizer.pt"
+PRIOR_CKPT = Path("prior") / "prior.pt"
+
+
+class RunError(ValueError):
+    """A run folder that is missing, incomplete or inconsistent."""
+
+
+@dataclass
+class RunSettings:
+    images: str
+    masks: str
+    labels_csv: str | None
+    preset: str
+    tokenizer: TokenizerConfig
+    prior: PriorConfig
+    val_fraction: float = 0.1
+    seed: int = 0
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "tokenizer": to_dict(self.tokenizer), "prior": to_dict(self.prior)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "RunSettings":
+        return cls(**{**data, "tokenizer": from_dict(TokenizerConfig, data["tokenizer"]),
+                      "prior": from_dict(PriorConfig, data["prior"])})
+
+
+def make_settings(images: Path, masks: Path, labels_csv: Path | None, preset: str,
+                  tokenizer_overrides: dict | None = None, prior_overrides: dict | None = None,
+                  val_fraction: float = 0.1, seed: int = 0) -> RunSettings:
+    return RunSettings(
+        images=str(Path(images).resolve()), masks=str(Path(masks).resolve()),
+        labels_csv=str(Path(labels_csv).resolve()) if labels_csv else None, preset=preset,
+        tokenizer=from_preset(TOKENIZER_PRESETS, preset, **(tokenizer_overrides or {})),
+        prior=from_preset(PRIOR_PRESETS, preset, **(prior_overrides or {})),
+        val_fraction=val_fraction, seed=seed,
+    )
+
+
+def _checkpoint_done(path: Path, steps: int) -> bool:
+    return path.exists() and int(load_checkpoint(path)["step"]) >= steps
+
+
+def prepare_run(run_dir: Path, settings: RunSettings, resume: bool) -> RunSettings:
+    """Create the run folder (or check a resumed one) and cache the patches. Input errors raise
+    before anything is written."""
+    run_file = run_dir / RUN_FILE
+    if run_file.exists():
+        if not resume:
+            raise RunError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        return RunSettings.from_json(json.loads(run_file.read_text())["settings"])
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise RunError(f"{run_dir} exists and is not a pathar-aug run folder; choose another --out")
+    samples = load_pairs(settings.images, settings.masks, settings.labels_csv)  # raises IngestError
+    train, val = split_by_image(samples, settings.val_fraction, settings.seed)
+    label_names = sorted({s.label for s in samples})
+    train_patches = make_patches(train, settings.tokenizer.patch_size, label_names)
+    val_patches = make_patches(val, settings.tokenizer.patch_size, label_names) if val else None
+    (run_dir / "data").mkdir(parents=True, exist_ok=True)
+    torch.save({"train": train_patches, "heldout": val_patches}, run_dir / "data" / "patches.pt")
+    summary = {"label_names": label_names, "train_images": len(train), "heldout_images": len(val),
+               "train_patches": len(train_patches), "heldout_patches": len(val_patches) if val_patches else 0,
+               "heldout_sources": sorted({s.name for s in val})}
+    save_json({"settings": settings.to_json(), "data": summary}, run_file)  # last: marks the run as created
+    return settings
+
+
+def load_patches(run_dir: Path) -> tuple[PatchSet, PatchSet | None]:
+    data = torch.load(run_dir / "data" / "patches.pt", weights_only=False)
+    return data["train"], data["heldout"]
+
+
+def train_run(run_dir: str | Path, settings: RunSettings, device: torch.device, resume: bool = False,
+              show_progress: bool = True, log: Callable[[str], None] = print) -> Path:
+    """All stages: ingest, tokenizer, tokenize, prior, preview. Returns the run folder."""
+    run_dir = Path(run_dir)
+    settings = prepare_run(run_dir, settings, resume)
+    train_patches, heldout = load_patches(run_dir)
+    log(f"[1/4] data: {len(train_patches)} training patches of {settings.tokenizer.patch_size} px, "
+        f"labels {', '.join(train_patches.label_names)}")
+
+    log("[2/4] tokenizer")
+    tok_ckpt = train_tokenizer(train_patches, run_dir / "tokenizer", settings.tokenizer, device,
+                               resume=True, show_progress=show_progress, seed=settings.seed)
+    tokenizer = load_tokenizer(tok_ckpt, device)
+
+    log("[3/4] tokenize (8 dihedral views per training patch)")
+    tokens = run_dir / "tokens"
+    tokens.mkdir(exist_ok=True)
+    train_tokens, heldout_tokens = tokens / "train_tokens.pt", tokens / "heldout_tokens.pt"
+    if not train_tokens.exists():
+        build_token_cache(tokenizer, train_patches, train_tokens, device, dihedral_views=True)
+    if heldout is not None and not heldout_tokens.exists():
+        build_token_cache(tokenizer, heldout, heldout_tokens, device, dihedral_views=False)
+
+    log("[4/4] prior")
+    train_prior(train_tokens, run_dir / "prior", settings.prior, device, resume=True,
+                heldout_tokens_path=heldout_tokens if heldout is not None else None, progress=show_progress)
+    generator = load_generator(run_dir, device)
+    save_sample_preview(generator, run_dir / "samples_preview.png", device)
+    return run_dir
+
+
+@dataclass
+class Generator:
+    """A trained run: tokenizer + prior + the label names they were trained with."""
+
+    tokenizer: DualVQTokenizer
+    prior: InterleavedPrior
+    label_names: list[str]
+    run_dir: Path
+
+    @property
+    def patch_size(self) -> int:
+        return self.tokenizer.cfg.patch_size
+
+    def label_index(self, label: str) -> int:
+        if label not in self.label_names:
+            raise RunError(f"label '{label}' is unknown to this model; it knows: {', '.join(self.label_names)}")
+        return self.label_names.index(label)
+
+    @torch.no_grad()
+    def generate(self, labels: list[int], sampling: SamplingConfig, device: torch.device,
+                 structure: torch.Tensor | None = None, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample token grids and decode them: (uint8 images B x 3 x P x P, {0,1} masks B x 1 x P x P)."""
+        s, a = sample_tokens(self.prior, labels, sampling, device, structure=structure, progress=progress)
+        images, masks = [], []
+        for start in range(0, len(labels), 64):
+            img, msk = self.tokenizer.decode(s[start:start + 64].to(device), a[start:start + 64].to(device))
+            images.append(img.cpu())
+            masks.append(msk.cpu())
+        return torch.cat(images), torch.cat(masks)
+
+    @torch.no_grad()
+    def render_masks(self, masks: torch.Tensor, label: int, sampling: SamplingConfig, device: torch.device,
+                     progress=None) -> torch.Tensor:
+        """Mask-conditioned rendering: encode the masks to S, sample A only, decode the images."""
+        s = torch.cat([self.tokenizer.encode_structure(masks[i:i + 64].to(device)).cpu()
+                       for i in range(0, len(masks), 64)])
+        images, _ = self.generate([label] * len(masks), sampling, device, structure=s, progress=progress)
+        return images
+
+
+def load_generator(run_dir: str | Path, device: torch.device) -> Generator:
+    """Load a finished run; an incomplete one is a clear error naming what is missing."""
+    run_dir = Path(run_dir)
+    if not (run_dir / RUN_FILE).exists():
+        raise RunError(f"{run_dir} is not a pathar-aug run folder (no {RUN_FILE}); train one with `pathar-aug train`")
+    settings = RunSettings.from_json(json.loads((run_dir / RUN_FILE).read_text())["settings"])
+    for path, steps, stage in ((TOKENIZER_CKPT, settings.tokenizer.steps, "tokenizer"),
+                               (PRIOR_CKPT, None, "prior")):
+        if not (run_dir / path).exists():
+            raise RunError(f"{run_dir} is incomplete: no {path}; finish it with `pathar-aug train --out {run_dir} --resume`")
+        if steps is not None and not _checkpoint_done(run_dir / path, steps):
+            raise RunError(f"{run_dir} is incomplete: the {stage} stage did not finish; "
+                           f"finish it with `pathar-aug train --out {run_dir} --resume`")
+    tokenizer = load_tokenizer(run_dir / TOKENIZER_CKPT, device)
+    prior = load_prior(run_dir / PRIOR_CKPT, device).eval()
+    label_names = json.loads((run_dir / RUN_FILE).read_text())["data"]["label_names"]
+    return Generator(tokenizer, prior, label_names, run_dir)
+
+
+def save_sample_preview(generator: Generator, path: Path, device: torch.device, per_label: int = 6,
+                        sampling: SamplingConfig | None = None) -> Path:
+    """One row per label: generated images, then the row of their masks."""
+    labels = [li for li in range(len(generator.label_names)) for _ in range(per_label)]
+    images, masks = generator.generate(labels, sampling or SamplingConfig(seed=0), device)
+    rows = []
+    for li in range(len(generator.label_names)):
+        part = slice(li * per_label, (li + 1) * per_label)
+        rows += [to_rgb_tiles(images[part]), to_rgb_tiles(masks[part])]
+    return save_grid(rows, path)
+
+
+def masks_as_patches(masks_dir: Path, patch: int) -> tuple[torch.Tensor, list[str]]:
+    """Read every mask of a folder and tile it to patch size for mask-conditioned rendering."""
+    files = sorted(p for p in Path(masks_dir).rglob("*") if p.is_file() and p.suffix.lower() in MASK_SUFFIXES)
+    if not files:
+        raise IngestError(f"{masks_dir}: no mask files found (looked for {', '.join(MASK_SUFFIXES)})")
+    tiles, names = [], []
+    for f in files:
+        m = torch.from_numpy((read_mask(f) > 0).astype("uint8"))
+        h, w = m.shape
+        m = torch.nn.functional.pad(m, (0, max(0, patch - w), 0, max(0, patch - h)))
+        for y in tile_starts(m.shape[0], patch):
+            for x in tile_starts(m.shape[1], patch):
+                tiles.append(m[y:y + patch, x:x + patch])
+                names.append(f"{f.stem}_y{y}x{x}")
+    return torch.stack(tiles).unsqueeze(1), names

@@ -1,0 +1,164 @@
+"""Generate pairs with a trained run and write them into nnU-Net v2 raw datasets; import real folders."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from nnunet_integration.atomic import atomic_write_json, exclusive_dir_lock, publish_no_clobber, write_tmp
+from nnunet_integration.dataset import (
+    IncompatibleDatasetError, _png_bytes, _prepare_pair, check_compatible, list_cases, read_dataset_json, write_cases,
+)
+from nnunet_integration.manifest import COMMITTED, SYNTHETIC_PREFIX, case_files, load_manifest, settings_batch_tag
+from nnunet_integration.paths import DatasetResolutionError, preprocessed_dir, resolve_dataset
+from nnunet_integration.splits import real_and_synthetic, update_splits
+from pathar_aug.ingest import load_pairs
+from pathar_aug.pipeline import Generator, load_generator, masks_as_patches
+from pathar_aug.sampler import SamplingConfig
+from pathar_aug.training import progress_bar
+
+Log = Callable[[str], None]
+
+
+def _safe(text: str) -> str:
+    """A label or file stem as a case-name part (letters, digits, '-', '_')."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-") or "x"
+
+
+def plan_labels(generator: Generator, n: int, label: str | None, per_label: bool) -> list[int]:
+    """Label index of each pair to make: one label, n per label, or n spread over all labels."""
+    if n <= 0:
+        raise ValueError(f"--n must be a positive number of pairs, got {n}")
+    if label is not None and per_label:
+        raise ValueError("give either --label or --per-label, not both")
+    if label is not None:
+        return [generator.label_index(label)] * n
+    k = len(generator.label_names)
+    if per_label:
+        return [li for li in range(k) for _ in range(n)]
+    return [i % k for i in range(n)]
+
+
+def _check_target(into: str, nnunet_raw: Path | None) -> None:
+    """Fail before anything is written: a raw root must exist, an existing dataset must be compatible."""
+    try:
+        dataset = resolve_dataset(into, nnunet_raw, create=False)
+    except DatasetResolutionError:
+        return  # absent: resolve_dataset(create=True) makes it, or raises before writing anything
+    check_compatible(read_dataset_json(dataset)[0])
+
+
+def synthesize_into(
+    model: Path, into: str, n: int, label: str | None = None, per_label: bool = False,
+    masks_from: Path | None = None, guidance: float = 1.5, temperature: float = 0.85, top_k: int = 100,
+    top_p: float = 0.92, seed: int = 0, batch_size: int = 32, device: torch.device = torch.device("cpu"),
+    nnunet_raw: Path | None = None, nnunet_preprocessed: Path | None = None, log: Log = print,
+) -> Path:
+    """Make pairs with a trained run and add them to a raw dataset; returns the dataset folder.
+
+    Pairs are made in chunks of ``batch_size``, chunk c seeded by (seed, c), so a rerun of the same
+    command regenerates exactly the chunks whose cases are not committed yet, and completes the set.
+    """
+    generator = load_generator(model, device)
+    labels = plan_labels(generator, n, label, per_label)
+    structure_masks = None
+    if masks_from is not None:
+        if label is None and len(generator.label_names) > 1:
+            raise ValueError(f"--masks-from needs --label: the model knows {', '.join(generator.label_names)}")
+        tiles, _ = masks_as_patches(masks_from, generator.patch_size)
+        structure_masks = tiles[:n]
+        labels = [labels[0]] * len(structure_masks)
+    _check_target(into, nnunet_raw)
+    dataset = resolve_dataset(into, nnunet_raw, create=True)
+
+    sampling = dict(guidance=guidance, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    settings = {"model": str(Path(model).resolve()), "mode": "mask-conditioned" if masks_from else "label-only",
+                "masks_from": str(Path(masks_from).resolve()) if masks_from else None, "n": n, "label": label,
+                "per_label": per_label, "batch_size": batch_size, **sampling}
+    batch = settings_batch_tag(settings)
+    names = [f"{_safe(generator.label_names[li])}-{i:05d}" for i, li in enumerate(labels)]
+    manifest = load_manifest(dataset)
+    prefix = f"{SYNTHETIC_PREFIX}{batch}_"
+    done = {name[len(prefix):] for name, c in (manifest.cases.items() if manifest else [])
+            if c.get("batch") == batch and c["state"] == COMMITTED}
+
+    def cases() -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        with progress_bar() as bar:
+            task = bar.add_task("synthesize", total=len(labels), info="")
+            for c, start in enumerate(range(0, len(labels), batch_size)):
+                chunk = range(start, min(start + batch_size, len(labels)))
+                if all(names[i] in done for i in chunk):
+                    bar.update(task, advance=len(chunk))
+                    continue
+                cfg = SamplingConfig(batch_size=batch_size, **{**sampling, "seed": seed * 1_000_003 + c})
+                chunk_labels = [labels[i] for i in chunk]
+                if structure_masks is None:
+                    images, masks = generator.generate(chunk_labels, cfg, device)
+                else:
+                    masks = structure_masks[chunk.start:chunk.stop]
+                    images = generator.render_masks(masks, chunk_labels[0], cfg, device)
+                for j, i in enumerate(chunk):
+                    yield names[i], images[j].permute(1, 2, 0).numpy(), masks[j, 0].numpy()
+                bar.update(task, advance=len(chunk))
+
+    report = write_cases(dataset, cases(), settings=settings, batch=batch, commit_every=batch_size)
+    log(f"{dataset}: {len(report.written)} new synthetic cases (batch {batch}), "
+        f"{len(report.skipped)} already present, numTraining {report.num_training}")
+    n_real = len(real_and_synthetic(dataset)[0])
+    if n_real < 5:
+        log(f"splits: only {n_real} real case(s), too few for 5 real-only validation folds; "
+            "nnU-Net will make its own split")
+    elif preprocessed_dir(dataset, nnunet_preprocessed) is not None:
+        splits = update_splits(dataset, nnunet_preprocessed)
+        log(f"splits: {splits} (every fold: real + synthetic training, real-only validation)")
+    else:
+        log("splits: $nnUNet_preprocessed unknown; run `pathar-aug synthesize` again with --nnunet-preprocessed "
+            "(or set it) so validation folds stay real-only")
+    return dataset
+
+
+def import_real(images: Path, masks: Path, into: str, labels_csv: Path | None = None,
+                nnunet_raw: Path | None = None, log: Log = print) -> Path:
+    """Write a user's real pairs into a raw dataset: all files are read and checked first, no existing
+    case is overwritten, and dataset.json (numTraining) is replaced atomically at the end."""
+    samples = load_pairs(images, masks, labels_csv)
+    names = {s.name: _safe(s.name) for s in samples}
+    reserved = [s for s, name in names.items() if name.startswith(SYNTHETIC_PREFIX)]
+    if reserved:
+        raise IncompatibleDatasetError(f"image '{reserved[0]}' starts with {SYNTHETIC_PREFIX!r}, which is reserved "
+                                       "for synthetic cases; rename it")
+    if len(set(names.values())) != len(names):
+        raise IncompatibleDatasetError("two file stems map to the same case name; rename them")
+    _check_target(into, nnunet_raw)
+    dataset = resolve_dataset(into, nnunet_raw, create=True)
+    with exclusive_dir_lock(dataset, "writing"):
+        dj, _ = read_dataset_json(dataset)
+        check_compatible(dj)
+        if load_manifest(dataset) is not None:
+            raise IncompatibleDatasetError(f"{dataset} holds synthetic cases; run `pathar-aug clean` first, "
+                                           "import, then synthesize again")
+        existing = set(list_cases(dataset, dj))
+        for sample in samples:
+            name = names[sample.name]
+            if name in existing or any((dataset / rel).exists() for rel in case_files(name)):
+                raise FileExistsError(f"{sample.image_path}: case '{name}' already exists in {dataset}; nothing was written")
+        prepared = [(names[s.name], *_prepare_pair(names[s.name], s.image, s.binary_mask)) for s in samples]
+        for name, image, mask in prepared:  # label first: an image never lacks its label
+            for rel, array in zip(case_files(name)[::-1], (mask, image)):
+                publish_no_clobber(write_tmp(dataset / rel, _png_bytes(array)), dataset / rel)
+        if "dataset" in dj:
+            for name, _, _ in prepared:
+                image_rel, label_rel = case_files(name)
+                dj["dataset"][name] = {"images": [image_rel], "label": label_rel}
+        dj["numTraining"] = len(list_cases(dataset, dj))
+        atomic_write_json(dataset / "dataset.json", dj)
+    label_counts = {l: sum(s.label == l for s in samples) for l in sorted({s.label for s in samples})}
+    labels_file = dataset / "pathar_aug_labels.json"  # condition labels, for the benchmark and evaluate
+    known = json.loads(labels_file.read_text()) if labels_file.exists() else {}
+    atomic_write_json(labels_file, {**known, **{names[s.name]: s.label for s in samples}})
+    log(f"{dataset}: imported {len(samples)} real cases ({', '.join(f'{k}: {v}' for k, v in label_counts.items())})")
+    return dataset
