@@ -5,11 +5,12 @@ import csv
 import os
 from pathlib import Path
 
-from pathar_aug.ingest import Sample, load_pairs
+from pathar_aug.pipeline import RunSettings, make_settings, prepare_run
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 WORK = REPO / "benchmarks" / "work"  # checkpoints and caches (git-ignored), so runs resume
+VAL_FRACTION = 0.2  # of each modality's source images, held out from every generator stage
 DSB_ROOT = Path(os.environ.get("PATHAR_DSB2018", REPO.parent / "shared" / "data" / "dsb2018"))
 
 
@@ -24,7 +25,16 @@ def dsb2018_labels_csv(path: Path) -> Path:
     return path
 
 
-def load_dsb2018() -> list[Sample]:
+def dsb2018_run(preset: str, tokenizer_steps: int | None = None, prior_steps: int | None = None,
+                seed: int = 0) -> tuple[Path, RunSettings, dict]:
+    """The shared DSB2018 run folder (created on first use): settings and data summary."""
+    import json
+
     if not (DSB_ROOT / "images").is_dir():
         raise SystemExit(f"DSB2018 not found at {DSB_ROOT}; set PATHAR_DSB2018 to its folder")
-    return load_pairs(DSB_ROOT / "images", DSB_ROOT / "masks", dsb2018_labels_csv(WORK / "dsb2018_labels.csv"))
+    run = WORK / f"dsb2018_{preset}"
+    labels = dsb2018_labels_csv(WORK / "dsb2018_labels.csv")
+    settings = make_settings(DSB_ROOT / "images", DSB_ROOT / "masks", labels, preset,
+                             {"steps": tokenizer_steps}, {"steps": prior_steps}, VAL_FRACTION, seed)
+    settings = prepare_run(run, settings, resume=True)
+    return run, settings, json.loads((run / "run.json").read_text())["data"]

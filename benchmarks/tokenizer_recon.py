@@ -1,6 +1,10 @@
 """Train the Dual-VQ tokenizer on the DSB2018 training pool and measure it on held-out images.
 
-    python benchmarks/tokenizer_recon.py --preset cpu
+    python -m benchmarks.tokenizer_recon --preset cpu
+
+The tokenizer is the first stage of the DSB2018 run folder benchmarks/work/dsb2018_<preset>
+(split by source image, 20% of each modality held out), which `pathar-aug train --resume` then
+completes with the prior; every DSB2018 benchmark shares that run and its held-out images.
 
 Writes benchmarks/results/tokenizer_recon.json (per modality: psnr, mask_dice, usage_structure,
 usage_appearance, and the token-resolution baseline), a preview PNG and the token-swap grid
@@ -15,16 +19,15 @@ import time
 
 import torch
 
-from benchmarks.common import RESULTS, WORK, load_dsb2018
-from pathar_aug.config import from_preset, save_json, to_dict
+from benchmarks.common import RESULTS, VAL_FRACTION, dsb2018_run
+from pathar_aug.config import save_json, to_dict
 from pathar_aug.device import resolve_device
-from pathar_aug.patches import make_patches, split_by_image
 from pathar_aug.metrics import reconstruction_report
+from pathar_aug.pipeline import load_patches
 from pathar_aug.preview import save_grid, to_rgb_tiles
 from pathar_aug.tokenizer import TOKENIZER_PRESETS
 from pathar_aug.train_tokenizer import load_tokenizer, save_preview, train_tokenizer
 
-VAL_FRACTION = 0.2
 MAX_EVAL_PATCHES = 256  # per modality
 
 
@@ -47,23 +50,19 @@ def main() -> None:
     ap.add_argument("--preset", default="cpu", choices=list(TOKENIZER_PRESETS))
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="split and training seed")
     args = ap.parse_args()
     device = resolve_device(args.device)
-    cfg = from_preset(TOKENIZER_PRESETS, args.preset, steps=args.steps)
-    work = WORK / f"tokenizer_{args.preset}"
-
-    samples = load_dsb2018()
-    train, val = split_by_image(samples, VAL_FRACTION, seed=args.seed)
-    label_names = sorted({s.label for s in samples})
-    train_patches = make_patches(train, cfg.patch_size, label_names)
-    val_patches = make_patches(val, cfg.patch_size, label_names)
+    run, settings, summary = dsb2018_run(args.preset, tokenizer_steps=args.steps, seed=args.seed)
+    cfg = settings.tokenizer
+    train_patches, val_patches = load_patches(run)
+    label_names = train_patches.label_names
     keep = torch.cat([torch.nonzero(val_patches.labels == li).flatten()[:MAX_EVAL_PATCHES]
                       for li in range(len(label_names))])
     val_patches = val_patches.subset(keep)
 
     t0 = time.time()
-    ckpt = train_tokenizer(train_patches, work, cfg, device, resume=True, seed=args.seed)
+    ckpt = train_tokenizer(train_patches, run / "tokenizer", cfg, device, resume=True, seed=args.seed)
     train_seconds = time.time() - t0
     model = load_tokenizer(ckpt, device)
     report = reconstruction_report(model, val_patches, device)
@@ -76,7 +75,8 @@ def main() -> None:
             "command": f"python benchmarks/tokenizer_recon.py --preset {args.preset}"
                        + (f" --steps {args.steps}" if args.steps else ""),
             "preset": args.preset, "config": to_dict(cfg), "device": str(device),
-            "train_images": len(train), "val_images": len(val), "train_patches": len(train_patches),
+            "run": str(run.relative_to(run.parents[2])), "train_images": summary["train_images"],
+            "val_images": summary["heldout_images"], "train_patches": len(train_patches),
             "val_patches_per_modality": {n: int((val_patches.labels == i).sum()) for i, n in enumerate(label_names)},
             "split": f"by source image, {VAL_FRACTION:.0%} per modality held out, seed {args.seed}",
             "train_seconds_this_invocation": round(train_seconds, 1),

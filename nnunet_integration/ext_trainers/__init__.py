@@ -1,0 +1,1 @@
+"""Put this folder into ``nnUNet_extTrainer`` so nnU-Net finds ``nnUNetTrainerPathar`` by name."""

@@ -1,0 +1,69 @@
+"""A short-schedule nnU-Net trainer for CPU runs and studies.
+
+The class keeps nnUNetTrainer's ``__init__`` signature because nnU-Net re-creates trainers from
+the init arguments stored in checkpoints, and checkpoints store the class *name*: prediction from a
+model folder looks the class up by that name. Two ways keep that working:
+- the runner here never looks it up (it imports the class and uses ``manual_initialization``), and
+- ``trainer_search_path()`` is a folder to put into ``nnUNet_extTrainer`` so nnU-Net's own tools
+  (``nnUNetv2_train -tr nnUNetTrainerPathar``, ``nnUNetv2_predict``) find it by name.
+
+The schedule comes from instance attributes set after construction (``apply_schedule``), or from
+the ``PATHAR_NNUNET_*`` environment variables when nnU-Net constructs the class itself.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+ENV_EPOCHS = "PATHAR_NNUNET_EPOCHS"
+ENV_ITERATIONS = "PATHAR_NNUNET_ITERATIONS"
+ENV_VAL_ITERATIONS = "PATHAR_NNUNET_VAL_ITERATIONS"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long a fold trains. nnU-Net's default is 1000 epochs x 250 iterations (50 validation)."""
+
+    epochs: int = 100
+    iterations_per_epoch: int = 50
+    val_iterations_per_epoch: int = 10
+    save_every: int = 10  # epochs between resumable checkpoints
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "iterations_per_epoch", "val_iterations_per_epoch", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Schedule.{name} must be >= 1")
+
+    @classmethod
+    def from_env(cls) -> "Schedule":
+        default = cls()
+        return cls(
+            epochs=int(os.environ.get(ENV_EPOCHS, default.epochs)),
+            iterations_per_epoch=int(os.environ.get(ENV_ITERATIONS, default.iterations_per_epoch)),
+            val_iterations_per_epoch=int(os.environ.get(ENV_VAL_ITERATIONS, default.val_iterations_per_epoch)),
+        )
+
+
+class nnUNetTrainerPathar(nnUNetTrainer):
+    """nnUNetTrainer with a short, settable schedule (see ``Schedule``)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.apply_schedule(Schedule.from_env())
+
+    def apply_schedule(self, schedule: Schedule) -> None:
+        # read by run_training and by the poly LR scheduler, which configure_optimizers builds later
+        self.num_epochs = schedule.epochs
+        self.num_iterations_per_epoch = schedule.iterations_per_epoch
+        self.num_val_iterations_per_epoch = schedule.val_iterations_per_epoch
+        self.save_every = schedule.save_every
+
+
+def trainer_search_path() -> Path:
+    """Folder for ``nnUNet_extTrainer``: it holds a top-level module re-exporting the trainer."""
+    return Path(__file__).resolve().parent / "ext_trainers"
