@@ -207,6 +207,14 @@ def demo(
     run_demo(out, _device(device), tokenizer_steps, prior_steps, n, log=console.print)
 
 
+# ----------------------------------------------------------------------------------- benchmark
+# (the benchmark command goes here)
+
+
+# ------------------------------------------------------------------------------------ evaluate
+# (the evaluate command goes here)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
