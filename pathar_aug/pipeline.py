@@ -183,12 +183,12 @@ def load_generator(run_dir: str | Path, device: torch.device) -> Generator:
     if not (run_dir / RUN_FILE).exists():
         raise RunError(f"{run_dir} is not a pathar-aug run folder (no {RUN_FILE}); train one with `pathar-aug train`")
     settings = RunSettings.from_json(json.loads((run_dir / RUN_FILE).read_text())["settings"])
+    prior_config = run_dir / "prior" / "prior_config.json"
+    prior_total = json.loads(prior_config.read_text())["total_steps"] if prior_config.exists() else None
     for path, steps, stage in ((TOKENIZER_CKPT, settings.tokenizer.steps, "tokenizer"),
-                               (PRIOR_CKPT, None, "prior")):
-        if not (run_dir / path).exists():
-            raise RunError(f"{run_dir} is incomplete: no {path}; finish it with `pathar-aug train --out {run_dir} --resume`")
-        if steps is not None and not _checkpoint_done(run_dir / path, steps):
-            raise RunError(f"{run_dir} is incomplete: the {stage} stage did not finish; "
+                               (PRIOR_CKPT, prior_total, "prior")):
+        if not (run_dir / path).exists() or steps is None or not _checkpoint_done(run_dir / path, steps):
+            raise RunError(f"{run_dir} is incomplete: the {stage} stage did not finish (no complete {path}); "
                            f"finish it with `pathar-aug train --out {run_dir} --resume`")
     tokenizer = load_tokenizer(run_dir / TOKENIZER_CKPT, device)
     prior = load_prior(run_dir / PRIOR_CKPT, device).eval()
