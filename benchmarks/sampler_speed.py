@@ -92,6 +92,20 @@ def time_cached(prior, batch: int, scfg: SamplingConfig, device: torch.device) -
 
 
 @torch.inference_mode()
+def warm_up(prior, scfg: SamplingConfig, device: torch.device, steps: int = 4) -> None:
+    """A few cached steps (allocator, kernels, compilation when asked) before anything is timed."""
+    labels = torch.zeros(2, dtype=torch.long, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with autocast(device):
+        decoder = GuidedDecoder(prior, labels, scfg.guidance, compile=scfg.compile)
+        s = sample_from_logits(decoder.start(), scfg, gen)
+        for i in range(1, steps + 1):
+            s_logits, a_logits = decoder.step(i, s, s)
+            s = sample_from_logits(s_logits, scfg, gen)
+    sync(device)
+
+
+@torch.inference_mode()
 def time_nocache(prior, batch: int, scfg: SamplingConfig, device: torch.device, points: int):
     """Extrapolated seconds of a full no-cache run of ``batch`` images, and the steps timed."""
     n = prior.num_locations
@@ -149,6 +163,7 @@ def main() -> None:
     parser.add_argument("--nocache-points", type=int, default=2, help="no-cache steps timed (quadrature)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the cached step")
+    parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. why --threads)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -167,7 +182,7 @@ def main() -> None:
         prior = InterleavedPrior(cfg, args.codes, args.codes, GRID, num_labels=3).to(device).eval()
         flops_image = 2 * flops_per_sequence(prior)  # two rows per image: conditional + null label
         n = prior.num_locations
-        time_cached(prior, 1, SamplingConfig(batch_size=1, compile=args.compile), device)  # warm-up
+        warm_up(prior, scfg, device)
         rows = {}
         for batch in args.batches:
             bcfg = SamplingConfig(**(to_dict(scfg) | {"batch_size": batch}))
@@ -228,7 +243,8 @@ def main() -> None:
         },
         "matmul_peak_gflops": {"start": round(peak_start, 1), "end": round(peak_end, 1), "used": round(peak, 1)},
         "load_average": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
-        "note": "measured once on a machine shared with other jobs; the load average shows how busy it was",
+        "note": " ".join(filter(None, ["measured once on a machine shared with other jobs; the load average "
+                                       "shows how busy it was.", args.note])),
         "presets": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,197 @@
+"""Train the interleaved prior on a token cache written by the tokenizer stage.
+
+Outputs in ``out_dir``: prior.pt (checkpoint, also the resume point), prior_config.json,
+prior_loss.csv (step, structure_nll, appearance_nll, lr) and, with a held-out cache,
+prior_heldout_nll.json (mean per-token NLL of each stream on the held-out tokens).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import from_dict, save_json, to_dict
+from .device import autocast, resolve_device
+from .prior import ARCHITECTURE_FIELDS, InterleavedPrior, PriorConfig
+from .training import LossCSV, load_checkpoint, make_adamw, progress_bar, save_checkpoint
+
+CHECKPOINT_NAME = "prior.pt"
+LOSS_CSV_NAME = "prior_loss.csv"
+HELDOUT_NAME = "prior_heldout_nll.json"
+CACHE_KEYS = ("structure", "appearance", "labels", "label_names", "num_structure_codes", "num_appearance_codes")
+
+
+def load_token_cache(path: str | Path) -> dict[str, Any]:
+    """Load and check a token cache: structure/appearance (M, h, w) long, labels (M,) long,
+    label_names list[str], num_structure_codes / num_appearance_codes int."""
+    cache = torch.load(Path(path), map_location="cpu", weights_only=True)
+    missing = [k for k in CACHE_KEYS if k not in cache]
+    if missing:
+        raise ValueError(f"token cache {path} lacks {', '.join(missing)}")
+    S, A, y = cache["structure"], cache["appearance"], cache["labels"]
+    if S.ndim != 3 or S.shape != A.shape or y.shape != (S.shape[0],):
+        raise ValueError(f"token cache {path}: structure {tuple(S.shape)}, appearance {tuple(A.shape)}, "
+                         f"labels {tuple(y.shape)} do not fit (M, h, w), (M, h, w), (M,)")
+    for name, tensor, bound in (
+        ("structure", S, cache["num_structure_codes"]),
+        ("appearance", A, cache["num_appearance_codes"]),
+        ("labels", y, len(cache["label_names"])),
+    ):
+        if tensor.dtype != torch.long:
+            raise ValueError(f"token cache {path}: {name} must be int64, got {tensor.dtype}")
+        if tensor.numel() and (int(tensor.min()) < 0 or int(tensor.max()) >= bound):
+            raise ValueError(f"token cache {path}: {name} values outside [0, {bound})")
+    return cache
+
+
+def total_steps(cfg: PriorConfig, dataset_size: int) -> int:
+    if cfg.epochs is not None:
+        return max(1, math.ceil(cfg.epochs * dataset_size / cfg.batch_size))
+    return cfg.steps
+
+
+def learning_rate(step: int, cfg: PriorConfig, total: int) -> float:
+    """Linear warmup over warmup_steps, then cosine decay to min_lr_ratio * lr (or constant)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if not cfg.cosine:
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def evaluate_nll(prior: InterleavedPrior, cache: dict[str, Any], device: torch.device, batch_size: int) -> dict[str, float]:
+    """Mean per-token NLL (nats) of each stream over a whole token cache."""
+    was_training = prior.training
+    prior.eval()
+    S, A, y = cache["structure"], cache["appearance"], cache["labels"]
+    sums, count = torch.zeros(2, dtype=torch.float64), 0
+    for begin in range(0, len(y), batch_size):
+        sl = slice(begin, begin + batch_size)
+        with autocast(device):
+            s_nll, a_nll = prior.loss(S[sl].to(device), A[sl].to(device), y[sl].to(device))
+        n = len(y[sl])
+        sums += torch.tensor([s_nll.item(), a_nll.item()], dtype=torch.float64) * n
+        count += n
+    prior.train(was_training)
+    s, a = (sums / max(count, 1)).tolist()
+    return {"structure_nll": s, "appearance_nll": a, "total_nll": s + a, "num_samples": count}
+
+
+def _check_resumable(saved: dict[str, Any], cfg: PriorConfig, vocab: dict[str, Any]) -> None:
+    for field in ARCHITECTURE_FIELDS:
+        if saved["config"][field] != getattr(cfg, field):
+            raise ValueError(f"cannot resume: checkpoint has {field}={saved['config'][field]}, "
+                             f"the config asks for {getattr(cfg, field)}")
+    for key, value in vocab.items():
+        if saved[key] != value:
+            raise ValueError(f"cannot resume: checkpoint has {key}={saved[key]}, the token cache {value}")
+
+
+def train_prior(
+    tokens_path: str | Path,
+    out_dir: str | Path,
+    cfg: PriorConfig,
+    device: torch.device | str = "auto",
+    resume: bool = False,
+    heldout_tokens_path: str | Path | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train (or resume training) the prior; returns the path of the final checkpoint."""
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / CHECKPOINT_NAME
+
+    data = load_token_cache(tokens_path)
+    S = data["structure"].flatten(1)  # raster order: location i = row * w + col
+    A = data["appearance"].flatten(1)
+    y = data["labels"]
+    grid = tuple(data["structure"].shape[1:])
+    vocab = {
+        "num_structure_codes": int(data["num_structure_codes"]),
+        "num_appearance_codes": int(data["num_appearance_codes"]),
+        "grid": list(grid),
+        "label_names": list(data["label_names"]),
+    }
+
+    torch.manual_seed(cfg.seed)  # weight init and label / residual dropout draws
+    prior = InterleavedPrior(cfg, vocab["num_structure_codes"], vocab["num_appearance_codes"], grid,
+                             len(vocab["label_names"])).to(device)
+    optimizer = make_adamw(prior, cfg.lr, cfg.betas, cfg.weight_decay)
+    batch_rng = torch.Generator().manual_seed(cfg.seed)
+
+    step = 0
+    if resume and ckpt_path.exists():
+        saved = load_checkpoint(ckpt_path, map_location=device)
+        _check_resumable(saved, cfg, vocab)
+        prior.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        batch_rng.set_state(saved["batch_rng"].cpu())
+        torch.set_rng_state(saved["torch_rng"].cpu())
+        step = int(saved["step"])
+
+    total = total_steps(cfg, len(y))
+    save_json(to_dict(cfg) | {"total_steps": total, **vocab}, out_dir / "prior_config.json")
+    log = LossCSV(out_dir / LOSS_CSV_NAME, ["structure_nll", "appearance_nll", "lr"], resume_step=step)
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            ckpt_path, model=prior.state_dict(), optimizer=optimizer.state_dict(), step=step,
+            config=to_dict(cfg), batch_rng=batch_rng.get_state(), torch_rng=torch.get_rng_state(), **vocab,
+        )
+
+    prior.train()
+    running = torch.zeros(2)
+    running_steps = 0
+    with progress_bar(disable=not progress) as bar:
+        task = bar.add_task("prior", total=total, completed=step, info="")
+        while step < total:
+            lr = learning_rate(step, cfg, total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            idx = torch.randint(len(y), (cfg.batch_size,), generator=batch_rng)
+            with autocast(device):
+                s_nll, a_nll = prior.loss(S[idx].to(device), A[idx].to(device), y[idx].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            (s_nll + a_nll).backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(prior.parameters(), cfg.grad_clip)
+            optimizer.step()
+            step += 1
+
+            running += torch.tensor([s_nll.item(), a_nll.item()])
+            running_steps += 1
+            if step % cfg.log_every == 0 or step == total:
+                s_avg, a_avg = (running / running_steps).tolist()
+                log.log(step, {"structure_nll": s_avg, "appearance_nll": a_avg, "lr": lr})
+                bar.update(task, info=f"s {s_avg:.3f}  a {a_avg:.3f}  lr {lr:.2e}")
+                running.zero_()
+                running_steps = 0
+            if step % cfg.ckpt_every == 0 and step < total:
+                checkpoint()
+            bar.update(task, completed=step)
+    checkpoint()
+
+    if heldout_tokens_path is not None:
+        heldout = load_token_cache(heldout_tokens_path)
+        if tuple(heldout["structure"].shape[1:]) != grid:
+            raise ValueError(f"held-out grid {tuple(heldout['structure'].shape[1:])} != training grid {grid}")
+        result = evaluate_nll(prior, heldout, device, cfg.eval_batch_size)
+        save_json(result | {"step": step, "tokens": str(heldout_tokens_path)}, out_dir / HELDOUT_NAME)
+    return ckpt_path
+
+
+def load_prior(checkpoint_path: str | Path, device: torch.device | str = "auto") -> InterleavedPrior:
+    """Rebuild a trained prior from its checkpoint, in eval mode on ``device``."""
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    saved = load_checkpoint(checkpoint_path, map_location=device)
+    cfg = from_dict(PriorConfig, saved["config"])
+    prior = InterleavedPrior(cfg, saved["num_structure_codes"], saved["num_appearance_codes"],
+                             tuple(saved["grid"]), len(saved["label_names"]))
+    prior.load_state_dict(saved["model"])
+    prior.label_names = list(saved["label_names"])
+    return prior.to(device).eval()
