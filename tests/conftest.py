@@ -1,11 +1,17 @@
 """Shared test helpers: small real-looking image/mask folders written as real files."""
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+# a small prior problem shared by the prior and sampler tests
+GRID = (3, 4)
+N = GRID[0] * GRID[1]
+K_S, K_A, LABELS = 8, 16, 3
 
 DEMO = Path(__file__).resolve().parent.parent / "pathar_aug" / "demo_data"
 
@@ -41,3 +47,32 @@ def write_pair_folders(root: Path, n: int = 4, size: int = 48, labels: tuple[str
 @pytest.fixture
 def pair_folders(tmp_path: Path) -> tuple[Path, Path]:
     return write_pair_folders(tmp_path)
+
+
+def block_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every attempt to open a connection raise: nothing may download weights."""
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("network access attempted during a test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Network blocked for one test (test modules may also define their own, autouse, version)."""
+    block_network(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine OpenMP barriers stall them."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

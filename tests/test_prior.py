@@ -19,18 +19,10 @@ from pathar_aug.prior import PRIOR_PRESETS, InterleavedPrior
 from pathar_aug.rope import apply_rotary, grid_positions, rope_tables
 from pathar_aug.train_prior import load_prior, load_token_cache, train_prior
 
-GRID = (3, 4)
-N = GRID[0] * GRID[1]
-K_S, K_A, LABELS = 8, 16, 3
+from tests.conftest import GRID, K_A, K_S, LABELS, N
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP barriers stall them."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_prior(seed: int = 0, **overrides) -> InterleavedPrior:

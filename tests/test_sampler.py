@@ -16,18 +16,10 @@ from pathar_aug.sampler import (
 )
 from pathar_aug.training import progress_bar
 
-GRID = (3, 4)
-N = GRID[0] * GRID[1]
-K_S, K_A, LABELS = 8, 16, 3
+from tests.conftest import GRID, K_A, K_S, LABELS, N
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP barriers stall them."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
