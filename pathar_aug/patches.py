@@ -51,7 +51,7 @@ def split_by_image(samples: list[Sample], val_fraction: float, seed: int = 0) ->
     return train, val
 
 
-def _starts(length: int, patch: int) -> list[int]:
+def tile_starts(length: int, patch: int) -> list[int]:
     """Tile starts covering [0, length): evenly spaced, the last flush with the edge (overlap, no gap)."""
     if length <= patch:
         return [0]
@@ -76,7 +76,7 @@ def tile_sample(sample: Sample, patch: int, pad_small: bool = True) -> list[tupl
         mask = np.pad(mask, ((0, ph), (0, pw)))
         h, w = mask.shape
     return [(image[y:y + patch, x:x + patch], mask[y:y + patch, x:x + patch])
-            for y in _starts(h, patch) for x in _starts(w, patch)]
+            for y in tile_starts(h, patch) for x in tile_starts(w, patch)]
 
 
 def make_patches(samples: list[Sample], patch: int, label_names: list[str] | None = None,

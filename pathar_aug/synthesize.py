@@ -11,7 +11,7 @@ import torch
 
 from nnunet_integration.atomic import atomic_write_json, exclusive_dir_lock, publish_no_clobber, write_tmp
 from nnunet_integration.dataset import (
-    IncompatibleDatasetError, _png_bytes, _prepare_pair, check_compatible, list_cases, read_dataset_json, write_cases,
+    IncompatibleDatasetError, png_bytes, prepare_pair, check_compatible, list_cases, read_dataset_json, write_cases,
 )
 from nnunet_integration.manifest import COMMITTED, SYNTHETIC_PREFIX, case_files, load_manifest, settings_batch_tag
 from nnunet_integration.paths import DatasetResolutionError, preprocessed_dir, resolve_dataset
@@ -146,10 +146,10 @@ def import_real(images: Path, masks: Path, into: str, labels_csv: Path | None = 
             name = names[sample.name]
             if name in existing or any((dataset / rel).exists() for rel in case_files(name)):
                 raise FileExistsError(f"{sample.image_path}: case '{name}' already exists in {dataset}; nothing was written")
-        prepared = [(names[s.name], *_prepare_pair(names[s.name], s.image, s.binary_mask)) for s in samples]
+        prepared = [(names[s.name], *prepare_pair(names[s.name], s.image, s.binary_mask)) for s in samples]
         for name, image, mask in prepared:  # label first: an image never lacks its label
             for rel, array in zip(case_files(name)[::-1], (mask, image)):
-                publish_no_clobber(write_tmp(dataset / rel, _png_bytes(array)), dataset / rel)
+                publish_no_clobber(write_tmp(dataset / rel, png_bytes(array)), dataset / rel)
         if "dataset" in dj:
             for name, _, _ in prepared:
                 image_rel, label_rel = case_files(name)

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import re
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -331,7 +332,10 @@ def save_grid(rows: Sequence[tuple[str, Sequence[Pair]]], path: str | Path, n: i
     draw = ImageDraw.Draw(grid)
     for r, (name, pairs) in enumerate(rows):
         y = r * (cell + pad)
-        draw.text((4, y + cell // 2 - 6), name[:16], fill=(0, 0, 0))
+        # long set names ("real held-out vs real training") wrap onto up to three lines
+        lines = textwrap.wrap(name, 17)[:max(1, min(3, cell // 12))] or [""]
+        for i, line in enumerate(lines):
+            draw.text((4, y + cell // 2 - 6 * len(lines) + 12 * i), line, fill=(0, 0, 0))
         for c, (img, mask) in enumerate(list(pairs)[:cols]):
             grid.paste(_cell(img, mask, cell), (head + c * (cell + pad), y))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
