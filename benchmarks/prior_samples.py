@@ -3,8 +3,10 @@
     python -m benchmarks.prior_samples --preset cpu
 
 Needs the finished run benchmarks/work/dsb2018_<preset> (tokenizer_recon, then
-`pathar-aug train --resume` on it). Writes benchmarks/results/prior_samples_<label>.png (each
-column: generated image over its generated mask) and prior_heldout_nll.json: per-token NLL of
+`pathar-aug train --resume` on it). Writes benchmarks/results/prior_samples_<setting>_<label>.png
+(each column: generated image over its generated mask; setting = the paper's truncated sampling or
+plain ancestral sampling), the share of empty generated masks per setting, and
+prior_heldout_nll.json: per-token NLL of
 each stream on the held-out images' tokens, beside the NLL of a per-label unigram model (token
 frequencies of the training cache), the simplest model a prior has to beat.
 """
@@ -40,7 +42,7 @@ def unigram_nll(train: dict, heldout: dict, stream: str, num_codes: int) -> floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="cpu")
-    ap.add_argument("--per-label", type=int, default=8)
+    ap.add_argument("--per-label", type=int, default=32)
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     device = resolve_device(args.device)
@@ -57,13 +59,22 @@ def main() -> None:
         },
         "heldout_sequences": int(heldout["labels"].numel()),
         "settings": {"command": f"python -m benchmarks.prior_samples --preset {args.preset}",
-                     "run": f"benchmarks/work/dsb2018_{args.preset}", "sampling": vars(SamplingConfig()),
-                     "device": str(device)},
+                     "run": f"benchmarks/work/dsb2018_{args.preset}", "device": str(device)},
     }
+    # Two settings: the paper's truncated sampling and plain ancestral sampling (both guidance 1.5).
+    # The share of empty masks tells whether truncation collapses an under-trained prior.
+    settings = {"paper": SamplingConfig(), "plain": SamplingConfig(temperature=1.0, top_k=0, top_p=1.0)}
     t0 = time.time()
-    for li, label in enumerate(generator.label_names):
-        images, masks = generator.generate([li] * args.per_label, SamplingConfig(seed=li), device)
-        save_grid([to_rgb_tiles(images), to_rgb_tiles(masks)], RESULTS / f"prior_samples_{label}.png")
+    result["empty_mask_share"] = {}
+    for name, sampling in settings.items():
+        result["empty_mask_share"][name] = {}
+        for li, label in enumerate(generator.label_names):
+            sampling.seed = li
+            images, masks = generator.generate([li] * args.per_label, sampling, device)
+            result["empty_mask_share"][name][label] = float((masks.flatten(1).sum(1) == 0).float().mean())
+            save_grid([to_rgb_tiles(images[:8]), to_rgb_tiles(masks[:8])], RESULTS / f"prior_samples_{name}_{label}.png")
+    result["settings"]["sampling"] = {k: vars(v) for k, v in settings.items()}
+    result["settings"]["samples_per_label"] = args.per_label
     result["settings"]["sampling_seconds"] = round(time.time() - t0, 1)
     save_json(result, RESULTS / "prior_heldout_nll.json")
     print(json.dumps(result, indent=2))

@@ -1,0 +1,100 @@
+"""Generation quality of the DSB2018 `cpu` run, with the rows that give each number its scale.
+
+    python -m benchmarks.generation_quality [--n 200] [--device auto]
+
+Runs exactly what `pathar-aug evaluate` runs, on the shared DSB2018 run folder
+benchmarks/work/dsb2018_cpu (finish it first: `pathar-aug train ... --resume`, or the tokenizer
+benchmark followed by the prior stage). The reference is the run's held-out real patches (20% of
+each modality's source images, never trained on); in the same tables:
+
+    real held-out vs real training   the floor: N real training patches per label
+    tokenizer reconstructions        those N patches encoded and decoded by the run's tokenizer
+    model                            N pairs per label sampled from the run (cfg 1.5, T 0.85, top-k 100, top-p 0.92)
+    weak: marginal tokens            N pairs per label of independent tokens from the training token frequencies
+
+N = 200 per label by default, sized so the whole run (DSB2018 ingest, 600 sampled pairs, evaluator
+training, features) takes about 10-15 minutes on 2 CPU cores. Feature spaces: the Style-Score
+classifier trained on the held-out real patches, and the weight-free colour/texture histograms (no
+pretrained backbone can be installed here with its weights; none is downloaded).
+
+Writes benchmarks/results/generation_quality.csv (long table), generation_quality.md (one table per
+feature space plus the floor / model / weak scale check), generation_quality_scale_check.csv and
+generation_quality_grid_<label>.png. Generated sets, features and evaluator networks are cached in
+benchmarks/work/generation_quality/cache, so a re-run only recomputes what changed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import time
+
+import torch
+
+from benchmarks.common import DSB_ROOT, RESULTS, WORK, dsb2018_labels_csv, dsb2018_run
+from pathar_aug.device import resolve_device
+from pathar_aug.evaluation import EvalConfig
+from pathar_aug.evaluation.report import _safe
+from pathar_aug.evaluation.run import evaluate_run
+from pathar_aug.sampler import SamplingConfig
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=200, help="generated pairs (and floor patches) per label")
+    ap.add_argument("--n-real", type=int, default=2000, help="at most this many held-out patches per label")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--features", action="append", default=None,
+                    help="extra feature spaces, as `pathar-aug evaluate --features` (e.g. dinov2:PATH)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    # Plain ancestral sampling (with guidance 1.5): at the paper's truncation (temperature 0.85,
+    # top-k 100, top-p 0.92) the short-trained CPU prior collapses to empty masks (see README).
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args()
+
+    device = resolve_device(args.device)
+    start = time.time()
+    run, _, summary = dsb2018_run("cpu")
+    labels_csv = dsb2018_labels_csv(WORK / "dsb2018_labels.csv")
+    out = WORK / "generation_quality"
+    features = ["style", "colour-texture", *(args.features or [])]
+    result = evaluate_run(
+        model=run, images=DSB_ROOT / "images", masks=DSB_ROOT / "masks", labels_csv=labels_csv, out=out,
+        n=args.n, n_real=args.n_real, features=features,
+        sampling=SamplingConfig(batch_size=args.batch_size, seed=args.seed, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p),
+        config=EvalConfig(progress=not args.quiet, seed=args.seed), device=device,
+        log=lambda msg: print(msg, flush=True),
+    )
+    wall = time.time() - start
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(out / "metrics.csv", RESULTS / "generation_quality.csv")
+    shutil.copyfile(out / "scale_check.csv", RESULTS / "generation_quality_scale_check.csv")
+    for label in result.metadata["labels"]:
+        shutil.copyfile(out / f"grid_{_safe(label)}.png", RESULTS / f"generation_quality_grid_{_safe(label)}.png")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    run_note = "\n".join([
+        "", "## Run", "",
+        f"`python -m benchmarks.generation_quality --n {args.n}` on {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads), device {device}; "
+        f"wall time {wall / 60:.1f} min"
+        + (f", load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}" if load else "") + ".",
+        f"Run folder: benchmarks/work/dsb2018_cpu ({summary['train_images']} training and "
+        f"{summary['heldout_images']} held-out source images of DSB2018, labels from metadata.csv's modality heuristic).",
+        f"N = {args.n} generated pairs per label (and as many real training patches in the floor row); "
+        "the `real` reference holds the held-out patches stated above (at most "
+        f"{args.n_real} per label). Grids: generation_quality_grid_<label>.png.", "",
+    ])
+    (RESULTS / "generation_quality.md").write_text((out / "metrics.md").read_text() + run_note)
+    print(result.scale.to_string(index=False))
+    print(f"\nwrote {RESULTS / 'generation_quality.md'} in {wall / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

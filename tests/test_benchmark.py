@@ -1,0 +1,234 @@
+"""`pathar-aug benchmark` on tiny data with real nnU-Net v2: planner, preprocessor, trainer, predictor.
+
+The end-to-end study trains a tiny generator on the real training pool, writes one raw dataset,
+preprocesses it once and trains two groups (I: real only, III: real + synthetic) as two folds of
+1 epoch x 2 iterations; a second run must retrain nothing.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+import types
+from pathlib import Path
+
+os.environ.setdefault("nnUNet_def_n_proc", "1")  # read when nnunetv2 is imported
+os.environ.setdefault("nnUNet_n_proc_DA", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from pathar_aug.benchmark import (  # noqa: E402
+    KIND_CLASSICAL, KIND_GENERATED, KIND_REAL, KIND_RENDERED, BenchmarkSettings, plan_groups, prepare,
+)
+from pathar_aug.classical_augment import ClassicalAugment, augment_pair, dihedral_np, expand  # noqa: E402
+from pathar_aug.cli import app  # noqa: E402
+from tests.conftest import write_pair_folders  # noqa: E402
+
+runner = CliRunner()
+LABELS = ("bright", "dark")
+STUDY = ["--preset", "tiny", "--real", "4", "--synthetic", "0,4", "--synthetic-only", "0", "--extra-rows", "none",
+         "--val", "4", "--epochs", "1", "--iterations", "2", "--device", "cpu", "--quiet"]
+DATASET = "Dataset980_PatharBenchmark"
+
+
+def files_state(folder: Path) -> dict[str, tuple[int, int]]:
+    """Relative path -> (size, mtime) of every file below folder."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("benchmark")
+    images, masks = write_pair_folders(root / "data", n=12, size=64, labels=LABELS)
+    args = ["benchmark", "--images", str(images), "--masks", str(masks), "--out", str(root / "out"), *STUDY]
+    t = time.time()
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    return types.SimpleNamespace(root=root, images=images, masks=masks, out=root / "out", args=args,
+                                 seconds=time.time() - t, output=res.output)
+
+
+def test_report_files_and_one_csv_row_per_group_and_label(study):
+    out = study.out
+    for ext in ("csv", "md", "png", "json"):
+        assert (out / f"dice_scaling.{ext}").is_file(), ext
+    with (out / "dice_scaling.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["group"], r["label"]) for r in rows] == [("I", "bright"), ("I", "dark"), ("II", "bright"), ("II", "dark")]
+    for r in rows:
+        assert 0.0 <= float(r["dice"]) <= 1.0
+        assert int(r["n_val_tiles"]) == 4
+    assert [r["description"] for r in rows[::2]] == ["4 real", "4 real + 4 synthetic"]
+    assert rows[0]["delta_vs_I"] == "0.0"
+    assert float(rows[2]["delta_vs_I"]) == pytest.approx(float(rows[2]["dice"]) - float(rows[0]["dice"]), abs=2e-4)
+    table = (out / "dice_scaling.md").read_text()
+    assert "| I | 4 real |" in table and "| II | 4 real + 4 synthetic |" in table
+    assert "per label" in table and "difference to group I" in table
+    report = json.loads((out / "dice_scaling.json").read_text())
+    assert report["resolved"]["schedule"]["epochs"] == 1 and report["resolved"]["schedule"]["iterations_per_epoch"] == 2
+    assert report["resolved"]["nnunet_plans"]["patch_size"] == [32, 32]  # nnU-Net's patch = tile size
+    assert report["timings"]["stages"]["plan_preprocess_s"] > 0
+    assert all(f["train_s"] > 0 for f in report["timings"]["folds"].values())
+    assert (out / "nnUNet_results" / DATASET).is_dir()  # trained by nnU-Net itself
+
+
+def test_validation_is_real_identical_in_every_fold_and_held_out_from_the_generator(study):
+    from nnunet_integration.manifest import load_manifest
+    from nnunet_integration.paths import nnunet_env
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    out = study.out
+    pre = out / "nnUNet_preprocessed" / DATASET
+    folds = json.loads((pre / "splits_final.json").read_text())
+    assert len(folds) == 2
+    synthetic = set(load_manifest(out / "nnUNet_raw" / DATASET).cases)
+    val = folds[0]["val"]
+    assert folds[1]["val"] == val and len(val) == 8
+    assert not synthetic & set(val) and all(c.startswith("r-") for c in val)
+    real_train = folds[0]["train"]
+    assert len(real_train) == 8 and not synthetic & set(real_train)
+    assert set(folds[1]["train"]) == set(real_train) | {c for c in synthetic if c.startswith("pathar_gen-s0_")}
+    assert len(folds[1]["train"]) == 16
+
+    # nnU-Net's own split loading gives the same folds
+    plans = json.loads((pre / "nnUNetPlans_cpu.json").read_text())
+    with nnunet_env(out / "nnUNet_raw", out / "nnUNet_preprocessed", out / "nnUNet_results"):
+        for k, fold in enumerate(folds):
+            plans["continue_training"] = False  # popped by nnUNetTrainer.__init__
+            trainer = nnUNetTrainer(plans=plans, configuration="2d", fold=k,
+                                    dataset_json=json.loads((pre / "dataset.json").read_text()),
+                                    device=torch.device("cpu"))
+            train_keys, val_keys = trainer.do_split()
+            assert list(val_keys) == val and sorted(train_keys) == sorted(fold["train"])
+
+    # validation tiles come from source images the generator never trained on, and training tiles not
+    heldout = set(json.loads((out / "generator" / "run.json").read_text())["data"]["heldout_sources"])
+    plan = json.loads((out / "plan.json").read_text())
+    val_sources = {s for sources in plan["val_sources"].values() for s in sources}
+    assert val_sources and val_sources <= heldout
+    assert not any(f"-{s}-t" in c for s in val_sources for c in real_train)
+
+
+def test_second_run_retrains_nothing(study):
+    out = study.out
+    before = files_state(out / "nnUNet_results") | {f"pre/{k}": v for k, v in files_state(out / "nnUNet_preprocessed").items()}
+    raw_before = files_state(out / "nnUNet_raw")
+    t = time.time()
+    res = runner.invoke(app, study.args)
+    assert res.exit_code == 0, res.output
+    assert time.time() - t < study.seconds / 2
+    after = files_state(out / "nnUNet_results") | {f"pre/{k}": v for k, v in files_state(out / "nnUNet_preprocessed").items()}
+    changed = sorted(k for k in before if before[k] != after.get(k))
+    assert not changed, changed
+    assert files_state(out / "nnUNet_raw") == raw_before
+    report = json.loads((out / "dice_scaling.json").read_text())
+    assert all(f["reused"] for f in report["timings"]["folds"].values())
+    with (out / "dice_scaling.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 4
+
+
+def test_other_settings_in_the_same_folder_are_refused(study):
+    args = [a if a != "0,4" else "0,5" for a in study.args]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and "other settings" in " ".join(res.output.split())
+
+
+def test_model_whose_training_saw_a_validation_image_is_refused(study, tmp_path):
+    from pathar_aug.ingest import load_pairs
+    from pathar_aug.patches import split_by_image
+
+    samples = load_pairs(study.images, study.masks)
+    heldout = set(json.loads((study.out / "generator" / "run.json").read_text())["data"]["heldout_sources"])
+    seed = next(s for s in range(1, 50) if {x.name for x in split_by_image(samples, 0.2, s)[1]} - heldout)
+    out = tmp_path / "leak"
+    res = runner.invoke(app, ["benchmark", "--images", str(study.images), "--masks", str(study.masks),
+                              "--model", str(study.out / "generator"), "--split-seed", str(seed), "--out", str(out),
+                              *STUDY])
+    assert res.exit_code == 2, res.output
+    assert "not among the held-out images" in " ".join(res.output.split())
+    assert not out.exists()  # refused before anything was written
+
+
+def test_reused_model_dataset_holds_every_kind_of_case(study, tmp_path):
+    """--model path, all five row kinds (no nnU-Net training): composition of the one raw dataset."""
+    from nnunet_integration.dataset import list_cases
+    from nnunet_integration.manifest import load_manifest
+    from nnunet_integration.runner import verify
+    from pathar_aug.ingest import load_pairs, read_mask
+    from pathar_aug.patches import make_patches, split_by_image
+
+    settings = BenchmarkSettings(images=str(study.images), masks=str(study.masks), real=4, synthetic=(0, 3),
+                                 synthetic_only=2, extra_rows="largest", val=4, model=str(study.out / "generator"),
+                                 epochs=1, iterations=2)
+    prepared = prepare(settings, tmp_path / "bench", torch.device("cpu"), log=lambda *_: None, show_progress=False)
+    assert [(g.numeral, g.kind, g.real, g.extra) for g in settings.groups] == [
+        ("I", KIND_REAL, 4, 0), ("II", KIND_GENERATED, 0, 2), ("III", KIND_GENERATED, 4, 3),
+        ("IV", KIND_RENDERED, 4, 3), ("V", KIND_CLASSICAL, 4, 3)]
+    dataset = prepared.dataset
+    verify(dataset)  # nnU-Net's own integrity check
+    cases = list_cases(dataset)
+    synthetic = set(load_manifest(dataset).cases)
+    for tag in ("gen", "ren", "cls"):
+        for label in LABELS:
+            assert len([c for c in synthetic if c.startswith(f"pathar_{tag}-s0_{label}-")]) == 3
+    real = [c for c in cases if c not in synthetic]
+    assert len(real) == 8 + 8  # 4 training + 4 validation tiles per label
+
+    folds = prepared.plan.folds
+    assert len(folds) == 5 and all(f["val"] == folds[0]["val"] for f in folds)
+    assert len(folds[1]["train"]) == 4 and all(c.startswith("pathar_gen-s0_") for c in folds[1]["train"])
+    assert sum(c.startswith("pathar_ren-") for c in folds[3]["train"]) == 6
+    assert sum(c.startswith("pathar_cls-") for c in folds[4]["train"]) == 6
+
+    # mask-conditioned cases carry real masks of the training pool, re-rendered images
+    samples = load_pairs(study.images, study.masks)
+    pool, _ = split_by_image(samples, 0.2, 0)
+    pool_masks = make_patches(pool, 32, sorted(LABELS)).masks[:, 0].numpy()
+    for c in sorted(synthetic):
+        if c.startswith("pathar_ren-"):
+            mask = read_mask(dataset / cases[c]["label"]).astype(np.uint8)
+            assert any((mask == m).all() for m in pool_masks), c
+        if c.startswith("pathar_cls-"):
+            assert set(np.unique(read_mask(dataset / cases[c]["label"])).tolist()) <= {0, 1}
+
+
+def test_plan_groups_follows_the_paper_and_the_flags():
+    groups = plan_groups(30, (0, 100, 200, 400))
+    assert [(g.numeral, g.description) for g in groups] == [
+        ("I", "30 real"), ("II", "0 real + 100 synthetic"), ("III", "30 real + 100 synthetic"),
+        ("IV", "30 real + 200 synthetic"), ("V", "30 real + 400 synthetic"),
+        ("VI", "30 real + 400 mask-conditioned"), ("VII", "30 real + 400 classical aug.")]
+    assert len({g.key for g in groups}) == len(groups)
+    assert len(plan_groups(30, (0, 100, 200), extra_rows="all")) == 1 + 1 + 2 + 2 * 2
+    assert [g.numeral for g in plan_groups(30, (0, 100), synthetic_only=0, extra_rows="none")] == ["I", "II"]
+    for bad in (dict(real=0, synthetic=(0,)), dict(real=3, synthetic=(-1,)),
+                dict(real=3, synthetic=(0,), extra_rows="some")):
+        with pytest.raises(ValueError):
+            plan_groups(**bad)
+
+
+def test_classical_augmentation():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    mask = (rng.random((32, 32)) > 0.7).astype(np.uint8)
+    # with elastic and colour off, a copy is exactly one of the 8 dihedral transforms
+    plain = ClassicalAugment(elastic_px=0, channel_gain=0, contrast=0, brightness=0, gamma=0)
+    img, msk = augment_pair(image, mask, np.random.default_rng(1), plain)
+    k = next(k for k in range(8) if (dihedral_np(mask, k) == msk).all() and (dihedral_np(image, k) == img).all())
+    assert 0 <= k < 8
+    img, msk = augment_pair(image, mask, np.random.default_rng(2))
+    assert img.shape == image.shape and img.dtype == np.uint8 and msk.shape == mask.shape
+    assert set(np.unique(msk).tolist()) <= {0, 1} and msk.sum() > 0
+    full = expand([image], [mask], 5, seed=3)
+    part = expand([image], [mask], 5, seed=3, start=3)
+    assert len(full) == 5 and all((a[0] == b[0]).all() and (a[1] == b[1]).all() for a, b in zip(full[3:], part))
+    # the torch and numpy dihedral transforms agree
+    from pathar_aug.patches import dihedral
+
+    for k in range(8):
+        assert (dihedral(torch.from_numpy(mask), k).numpy() == dihedral_np(mask, k)).all()
