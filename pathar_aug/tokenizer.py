@@ -70,7 +70,7 @@ TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
                            steps=1200, log_every=25, ckpt_every=100, preview_every=300),
     # the paper's setting: 256 px, r = 16, K_s = K_a = 1024, d = 16, AdamW (0.9, 0.95), wd 0.05,
     # lr 1e-4; VQGAN-sized widths so that with the paper prior the total is near 170.73 M.
-    "paper": TokenizerConfig(patch_size=256, downsample=16, channels=(128, 128, 256, 256, 512), res_blocks=(2, 2, 2, 2, 2),
+    "paper": TokenizerConfig(patch_size=256, downsample=16, channels=(128, 256, 256, 512, 512), res_blocks=(2, 2, 2, 2, 3),
                              code_dim=16, structure_codes=1024, appearance_codes=1024, lr=1e-4,
                              batch_size=32, steps=100_000, ckpt_every=2000, preview_every=2000),
 }
