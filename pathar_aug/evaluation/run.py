@@ -525,6 +525,7 @@ def evaluate_run(
         labels = sorted(real.reference)
         total = sum(len(real.floor.get(lb, [])) if j == RECON else n for j in jobs for lb in labels)
         cached = []
+        log(f"generating {', '.join(jobs)}: {total} pairs (cached sets are reused)")
         with progress_bar(disable=not cfg.progress) as bar:
             task = bar.add_task("generate", total=total, info="")
             for job in jobs:
@@ -575,6 +576,8 @@ def evaluate_run(
         style_clf = _cached_style_classifier({lb: _normalise(p) for lb, p in real.reference.items()}, cfg, cache)
     extractors = [StyleClassifierFeatures(style_clf) if e == "style" else e for e in parsed]
 
+    log(f"metrics: {', '.join(e.name for e in extractors)}, style score, mask statistics, image-mask Dice "
+        f"for {', '.join(sets)}")
     df = evaluate_sets(real.reference, sets, extractors, out, cache, config=cfg, style_classifier=style_clf, lpips=lpips)
     meta = dict(df.attrs.get("metadata", {}))
     check = scale_check(df, model_set=model_set, floor_set=real.floor_name)
