@@ -192,8 +192,8 @@ def clean(
 def demo(
     out: Path = typer.Option(Path("pathar_demo"), help="Folder for the demo run and its nnU-Net folders."),
     device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
-    tokenizer_steps: int = typer.Option(300, help="Tokenizer steps (the cpu preset's, shortened so the demo fits ~10 min)."),
-    prior_steps: int = typer.Option(200, help="Prior steps (shortened likewise)."),
+    tokenizer_steps: int = typer.Option(150, help="Tokenizer steps (the cpu preset's, shortened so the demo fits ~10 min)."),
+    prior_steps: int = typer.Option(100, help="Prior steps (shortened likewise)."),
     n: int = typer.Option(24, help="Synthetic pairs per label."),
 ) -> None:
     """Train on the bundled real data, synthesize into an nnU-Net dataset, check and preprocess it.
