@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.conftest import block_network
 from pathar_aug.evaluation import (
     LPIPS,
     ColourTextureFeatures,
@@ -33,14 +33,7 @@ torch.set_num_threads(2)
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     """Any attempt to open a connection fails the test: nothing may download weights."""
-
-    def refuse(*args, **kwargs):
-        raise RuntimeError("network access attempted during an evaluation test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    block_network(monkeypatch)
 
 
 # ---------------------------------------------------------------------------- synthetic nuclei

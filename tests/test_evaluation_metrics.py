@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from scipy import linalg
 
+from tests.conftest import block_network
 from pathar_aug.evaluation import (
     compare_mask_stats,
     dice,
@@ -23,14 +24,7 @@ from pathar_aug.evaluation.structure_stats import instance_labels, region_props
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     """Any attempt to open a connection fails the test: metrics must work fully offline."""
-
-    def refuse(*args, **kwargs):
-        raise RuntimeError("network access attempted during an evaluation test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    block_network(monkeypatch)
 
 
 def test_network_is_blocked():
