@@ -24,24 +24,28 @@ import shutil
 import time
 from pathlib import Path
 
-from benchmarks.common import DSB_ROOT, RESULTS, WORK, dsb2018_labels_csv
+from benchmarks.common import DSB_ROOT, RESULTS, VAL_FRACTION, WORK, dsb2018_labels_csv
 
 # Sized on this 2-core machine (--calibrate; the JSON records the timings of the run): CPU plans at
 # 128 px, batch 12, measured 2.6 s/iteration on busy cores (~1 s/iteration on free ones); batch 8 is
 # used. 7 groups x 10 x 10 iterations, plus sampling 2 x 600 tiles, preprocessing ~2,000 cases and
 # predicting 150 validation tiles per group, is about 25 minutes of 2-core CPU.
 EPOCHS, ITERATIONS, BATCH = 10, 10, 8
+UNET_FEATURES, UNET_MAX_FEATURES = 16, 512
 
 
 def settings_for(args, **overrides):
-    from pathar_aug.benchmark import BenchmarkSettings
+    from pathar_aug.study import BenchmarkSettings
 
     labels = dsb2018_labels_csv(WORK / "dsb2018_labels.csv")
     kwargs = dict(images=str(DSB_ROOT / "images"), masks=str(DSB_ROOT / "masks"), labels_csv=str(labels),
-                  real=args.real, synthetic=tuple(int(s) for s in args.synthetic.split(",")), val=args.val,
+                  instances=str(DSB_ROOT / "instances"), real=args.real,
+                  synthetic=tuple(int(s) for s in args.synthetic.split(",")), val=args.val,
+                  val_fraction=VAL_FRACTION, split_seed=0,  # the shared generator run's split (common.py)
                   seeds=args.seeds, schedule="cpu", epochs=args.epochs, iterations=args.iterations,
-                  batch_size=args.batch_size, model=str(args.model), sample_batch=args.sample_batch,
-                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+                  batch_size=args.batch_size, unet_features=args.unet_features,
+                  unet_max_features=args.unet_max_features, model=str(args.model) if args.model else None,
+                  sample_batch=args.sample_batch, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     kwargs.update(overrides)
     return BenchmarkSettings(**kwargs)
 
@@ -50,7 +54,7 @@ def calibrate(args) -> None:
     """Time nnU-Net iterations of the CPU plans on 128 px DSB tiles at a few batch sizes (group I only)."""
     import torch
 
-    from pathar_aug.benchmark import run_benchmark
+    from pathar_aug.study import run_benchmark
 
     out = {}
     for batch in args.calibrate_batches:
@@ -70,16 +74,20 @@ def calibrate(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=WORK / "dsb2018_cpu", help="trained DSB2018 run folder")
+    parser.add_argument("--model", type=lambda v: None if v == "none" else Path(v), default=WORK / "dsb2018_cpu",
+                        help="trained DSB2018 run folder ('none' for a study of real-only groups)")
     parser.add_argument("--out", type=Path, default=WORK / "dice_scaling")
     parser.add_argument("--real", type=int, default=30)
     # half the paper's counts (100 / 200 / 400) so that sampling and 7 nnU-Net runs fit ~25 CPU minutes
     parser.add_argument("--synthetic", default="0,50,100,200")
     parser.add_argument("--val", type=int, default=50)
-    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--iterations", type=int, default=ITERATIONS)
     parser.add_argument("--batch-size", type=int, default=BATCH)
+    parser.add_argument("--unet-features", type=int, default=UNET_FEATURES)
+    parser.add_argument("--unet-max-features", type=int, default=UNET_MAX_FEATURES)
+    parser.add_argument("--name", default="dice_scaling", help="report name in benchmarks/results/")
     parser.add_argument("--sample-batch", type=int, default=64, help="images sampled together by the generator")
     # Plain ancestral sampling (with guidance 1.5): at the paper's truncation (temperature 0.85,
     # top-k 100, top-p 0.92) the short-trained CPU prior collapses to empty masks (see README).
@@ -101,14 +109,15 @@ def main() -> None:
         calibrate(args)
         return
 
-    from pathar_aug.benchmark import run_benchmark
+    from pathar_aug.study import run_benchmark
 
     settings = settings_for(args)
-    paths = run_benchmark(settings, args.out, torch.device(args.device), show_progress=not args.quiet)
+    paths = run_benchmark(settings, args.out, torch.device(args.device), show_progress=not args.quiet,
+                          report_dir=args.out / "report", name=args.name)
     RESULTS.mkdir(parents=True, exist_ok=True)
     for kind, path in paths.items():
         shutil.copyfile(path, RESULTS / path.name)
-    print((RESULTS / "dice_scaling.md").read_text())
+    print((RESULTS / f"{args.name}.md").read_text())
 
 
 if __name__ == "__main__":

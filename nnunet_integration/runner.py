@@ -76,7 +76,7 @@ def plan_and_preprocess(
     pinned_plans: dict | None = None,
     num_processes: int = 1,
     clean: bool = True,
-    cpu_network: bool = False,
+    cpu_network: bool | dict = False,
     cpu_plans_identifier: str = CPU_PLANS_IDENTIFIER,
     check_integrity: bool = True,
     fingerprint_samples: int | None = None,
@@ -86,7 +86,8 @@ def plan_and_preprocess(
 
     ``pinned_plans``: use these plans (e.g. saved from the real-only dataset) instead of planning,
     so the batch size - which nnU-Net derives from numTraining - is the same for every data mix.
-    ``cpu_network``: shrink the network (``plans.cpu_plans``) and save it as ``cpu_plans_identifier``.
+    ``cpu_network``: shrink the network (``plans.cpu_plans``) and save it as ``cpu_plans_identifier``;
+    a dict gives ``cpu_plans``' keyword arguments (``base_features``, ``max_features``, ``max_stages``).
     ``clean``: recompute the fingerprint (otherwise an existing one is reused).
     ``fingerprint_samples``: foreground samples for intensity statistics (nnU-Net: 1e8 in total,
     only CT normalisation uses them; fewer is faster).
@@ -127,7 +128,8 @@ def plan_and_preprocess(
         plans = json.loads((pre_dir / f"{identifier}.json").read_text())
         for configuration in configurations:
             if configuration in plans["configurations"]:  # e.g. no 3d configurations for 2D data
-                plans = cpu_plans(plans, configuration, cpu_plans_identifier)
+                options = cpu_network if isinstance(cpu_network, dict) else {}
+                plans = cpu_plans(plans, configuration, cpu_plans_identifier, **options)
         identifier = cpu_plans_identifier
         atomic_write_json(pre_dir / f"{identifier}.json", plans)
 

@@ -32,11 +32,25 @@ class Schedule:
     iterations_per_epoch: int = 50
     val_iterations_per_epoch: int = 10
     save_every: int = 10  # epochs between resumable checkpoints
+    # epochs (1-based) after which a copy of the weights is kept as checkpoint_epoch<E>.pth, so a
+    # learning curve can be measured from one run instead of one run per point
+    snapshot_epochs: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("epochs", "iterations_per_epoch", "val_iterations_per_epoch", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Schedule.{name} must be >= 1")
+        bad = [e for e in self.snapshot_epochs if not 1 <= e <= self.epochs]
+        if bad:
+            raise ValueError(f"Schedule.snapshot_epochs must lie in 1..{self.epochs}, got {bad}")
+
+    def curve_epochs(self, fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)) -> tuple[int, ...]:
+        """The epochs at these fractions of the schedule (at least epoch 1)."""
+        return tuple(sorted({max(1, round(f * self.epochs)) for f in fractions}))
+
+    @property
+    def iterations(self) -> int:
+        return self.epochs * self.iterations_per_epoch
 
     @classmethod
     def from_env(cls) -> "Schedule":
@@ -62,6 +76,20 @@ class nnUNetTrainerPathar(nnUNetTrainer):
         self.num_iterations_per_epoch = schedule.iterations_per_epoch
         self.num_val_iterations_per_epoch = schedule.val_iterations_per_epoch
         self.save_every = schedule.save_every
+        self.snapshot_epochs = tuple(schedule.snapshot_epochs)
+
+    def on_epoch_end(self) -> None:
+        # nnU-Net counts epochs from 0 and increments at the end of on_epoch_end; saved before that, the
+        # snapshot records current_epoch = epochs finished, as nnU-Net's own checkpoints do
+        finished = self.current_epoch + 1
+        if finished in getattr(self, "snapshot_epochs", ()):
+            self.save_checkpoint(str(snapshot_path(Path(self.output_folder), finished)))
+        super().on_epoch_end()
+
+
+def snapshot_path(fold_dir: Path, epoch: int) -> Path:
+    """Where ``nnUNetTrainerPathar`` keeps the weights after ``epoch`` (1-based) epochs."""
+    return Path(fold_dir) / f"checkpoint_epoch{epoch:04d}.pth"
 
 
 def trainer_search_path() -> Path:

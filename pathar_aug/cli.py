@@ -221,11 +221,15 @@ def benchmark(
     val: int = typer.Option(50, help="Real validation tiles per label (from held-out source images, the same for every group)."),
     val_fraction: Optional[float] = typer.Option(None, help="Share of each label's source images held out for validation (default: the model's split, else 0.2)."),
     split_seed: Optional[int] = typer.Option(None, help="Seed of that split (default: the model's, else 0)."),
-    seeds: int = typer.Option(1, help="Repeats with other real tiles, synthetic draws and nnU-Net runs (mean and s.d. reported)."),
-    schedule: str = typer.Option("cpu", help="cpu: small network, 10 epochs x 20 iterations, batch <= 12 (about 5 min per group on 2 cores); full: nnU-Net's own plan and 1000 x 250 schedule (GPU)."),
+    seeds: int = typer.Option(3, help="Repeats with other real tiles, synthetic draws and nnU-Net initialisation: every cell is mean ± s.d., every difference to group I gets a 95 % paired bootstrap interval."),
+    instances: Optional[Path] = typer.Option(None, help="Folder of instance masks (same stems) for AJI and PQ; default: the masks' own instance ids, or connected components of binary masks."),
+    schedule: str = typer.Option("cpu", help="cpu: a small U-Net trained to its plateau on 2 cores (see README, 'Dice study'); full: nnU-Net's own plan and 1000 x 250 schedule (GPU)."),
     epochs: Optional[int] = typer.Option(None, help="Override the schedule's nnU-Net epochs (the same for every group)."),
     iterations: Optional[int] = typer.Option(None, help="Override the schedule's iterations per epoch."),
     batch_size: Optional[int] = typer.Option(None, help="nnU-Net batch size for every group (default: nnU-Net's planned batch, at most 12 with --schedule cpu)."),
+    unet_features: int = typer.Option(16, help="--schedule cpu: U-Net features in the first stage, doubling per stage."),
+    unet_max_features: int = typer.Option(512, help="--schedule cpu: cap on the U-Net's features per stage."),
+    curve: bool = typer.Option(True, help="Learning curve (scores at 25/50/75/100 % of the schedule) of group I and the largest real + synthetic group: shows whether the schedule reaches its plateau."),
     model: Optional[Path] = typer.Option(None, help="Reuse a trained run; every validation image must be among its held-out images."),
     preset: Preset = typer.Option(Preset.cpu, help="Generator preset when no --model is given (trained on the real training pool only)."),
     out: Path = typer.Option(Path("pathar_benchmark"), help="Benchmark folder: nnU-Net data, models, caches and the report. Rerun to resume."),
@@ -242,10 +246,11 @@ def benchmark(
     Dice is reported per label on a fixed real validation set of held-out source images. All cases
     live in one nnU-Net dataset, preprocessed once; each group is one fold of it.
 
-    Writes dice_scaling.csv / .md / .png / .json into --out. Interrupted runs resume; finished
-    groups are never retrained.
+    Reports Dice, AJI and PQ per label, mean ± s.d. over --seeds, and each group's difference to
+    group I with a 95 % paired bootstrap interval. Writes dice_scaling.csv / .md / .png / .json and
+    dice_scaling_curve.csv into --out. Interrupted runs resume; finished groups are never retrained.
     """
-    from pathar_aug.benchmark import DEMO_DATA, BenchmarkSettings, run_benchmark
+    from pathar_aug.study import DEMO_DATA, BenchmarkSettings, run_benchmark
 
     if (images is None) != (masks is None):
         raise ValueError("give both --images and --masks, or neither (bundled demo data)")
@@ -257,8 +262,9 @@ def benchmark(
         images=str(images or DEMO_DATA / "images"), masks=str(masks or DEMO_DATA / "masks"),
         labels_csv=str(labels) if labels else None, real=real, synthetic=counts, synthetic_only=synthetic_only,
         extra_rows=extra_rows, val=val, val_fraction=val_fraction, split_seed=split_seed, seeds=seeds,
-        schedule=schedule, epochs=epochs, iterations=iterations, batch_size=batch_size, model=str(model) if model else None,
-        preset=preset.value)
+        schedule=schedule, epochs=epochs, iterations=iterations, batch_size=batch_size, unet_features=unet_features,
+        unet_max_features=unet_max_features, curve=curve, instances=str(instances) if instances else None,
+        model=str(model) if model else None, preset=preset.value)
     paths = run_benchmark(settings, out, _device(device), log=console.print, show_progress=not quiet)
     console.print(f"\n[bold green]done[/bold green]: table {paths['md']}")
     console.print(paths["md"].read_text(), markup=False, highlight=False)

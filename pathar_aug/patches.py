@@ -59,13 +59,15 @@ def tile_starts(length: int, patch: int) -> list[int]:
     return [round(i * (length - patch) / (n - 1)) for i in range(n)]
 
 
-def tile_sample(sample: Sample, patch: int, pad_small: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Cut an image and its binary mask into patch x patch tiles covering the whole image.
+def tile_sample(sample: Sample, patch: int, pad_small: bool = True, instances: bool = False
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Cut an image and its binary mask (``instances``: its instance ids) into patch x patch tiles
+    covering the whole image.
 
     Images smaller than the patch are padded (image by reflection, mask with background) when
     ``pad_small``; otherwise they are refused, since a resize would change nucleus size.
     """
-    image, mask = sample.image, sample.binary_mask
+    image, mask = sample.image, (sample.mask if instances else sample.binary_mask)
     h, w = mask.shape
     if h < patch or w < patch:
         if not pad_small:

@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from pathar_aug.benchmark import (  # noqa: E402
+from pathar_aug.study import (  # noqa: E402
     KIND_CLASSICAL, KIND_GENERATED, KIND_REAL, KIND_RENDERED, BenchmarkSettings, plan_groups, prepare,
 )
 from pathar_aug.classical_augment import ClassicalAugment, augment_pair, dihedral_np, expand  # noqa: E402
@@ -31,7 +31,7 @@ from tests.conftest import write_pair_folders  # noqa: E402
 runner = CliRunner()
 LABELS = ("bright", "dark")
 STUDY = ["--preset", "tiny", "--real", "4", "--synthetic", "0,4", "--synthetic-only", "0", "--extra-rows", "none",
-         "--val", "4", "--epochs", "1", "--iterations", "2", "--device", "cpu", "--quiet"]
+         "--val", "4", "--epochs", "1", "--iterations", "2", "--seeds", "1", "--device", "cpu", "--quiet"]
 DATASET = "Dataset980_PatharBenchmark"
 
 
@@ -75,6 +75,29 @@ def test_report_files_and_one_csv_row_per_group_and_label(study):
     assert report["timings"]["stages"]["plan_preprocess_s"] > 0
     assert all(f["train_s"] > 0 for f in report["timings"]["folds"].values())
     assert (out / "nnUNet_results" / DATASET).is_dir()  # trained by nnU-Net itself
+
+
+def test_instance_metrics_intervals_and_learning_curve(study):
+    out = study.out
+    with (out / "dice_scaling.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        assert r["seeds"] == "1"
+        for metric in ("aji", "pq"):
+            assert 0.0 <= float(r[metric]) <= 1.0
+        if r["group"] == "II":
+            assert float(r["delta_ci_low"]) <= float(r["delta_vs_I"]) <= float(r["delta_ci_high"])
+    report = json.loads((out / "dice_scaling.json").read_text())
+    fold = next(f for f in report["folds"].values() if f["group"]["numeral"] == "I")
+    # the validation tiles' instance maps are the masks' connected components here (binary masks)
+    assert set(report["aji_per_case"][next(iter(report["folds"]))]) == set(report["dice_per_case"][next(iter(report["folds"]))])
+    with (out / "dice_scaling_curve.csv").open() as f:
+        curve = list(csv.DictReader(f))
+    # group I and the largest real + synthetic group, at every curve point of the 1-epoch schedule
+    assert {(r["group"], r["iteration"], r["label"]) for r in curve} == {
+        (g, "2", label) for g in ("I", "II") for label in LABELS}
+    point = next(r for r in curve if r["group"] == "I" and r["label"] == LABELS[0])
+    assert float(point["dice"]) == pytest.approx(fold["dice_per_label"][LABELS[0]], abs=1e-4)
 
 
 def test_validation_is_real_identical_in_every_fold_and_held_out_from_the_generator(study):
@@ -164,7 +187,7 @@ def test_reused_model_dataset_holds_every_kind_of_case(study, tmp_path):
 
     settings = BenchmarkSettings(images=str(study.images), masks=str(study.masks), real=4, synthetic=(0, 3),
                                  synthetic_only=2, extra_rows="largest", val=4, model=str(study.out / "generator"),
-                                 epochs=1, iterations=2)
+                                 epochs=1, iterations=2, seeds=1)
     prepared = prepare(settings, tmp_path / "bench", torch.device("cpu"), log=lambda *_: None, show_progress=False)
     assert [(g.numeral, g.kind, g.real, g.extra) for g in settings.groups] == [
         ("I", KIND_REAL, 4, 0), ("II", KIND_GENERATED, 0, 2), ("III", KIND_GENERATED, 4, 3),

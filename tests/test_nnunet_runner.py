@@ -128,6 +128,25 @@ def test_train_predict_and_dice_on_cpu(study, trained, tmp_path):
     assert final.stat().st_mtime_ns == stamp
 
 
+def test_snapshots_keep_the_weights_after_the_chosen_epochs(study):
+    from nnunet_integration.trainer import snapshot_path
+
+    assert Schedule(epochs=40).curve_epochs() == (10, 20, 30, 40)
+    assert Schedule(epochs=2).curve_epochs() == (1, 2)
+    with pytest.raises(ValueError, match="snapshot_epochs"):
+        Schedule(epochs=2, snapshot_epochs=(3,))
+    schedule = Schedule(epochs=2, iterations_per_epoch=1, val_iterations_per_epoch=1, snapshot_epochs=(1, 2))
+    with nnunet_env(*study.dirs.values()):
+        out = train_fold(601, 2, schedule, plans_identifier=study.plans_identifier, num_workers=0)
+    fold = out / "fold_2"
+    first, second, final = (torch.load(path, map_location="cpu", weights_only=False)
+                            for path in (snapshot_path(fold, 1), snapshot_path(fold, 2), fold / "checkpoint_final.pth"))
+    assert first["current_epoch"] == 1 and second["current_epoch"] == 2
+    name = next(iter(final["network_weights"]))
+    assert torch.equal(second["network_weights"][name], final["network_weights"][name])
+    assert not torch.equal(first["network_weights"][name], final["network_weights"][name])
+
+
 def test_dice():
     a = np.zeros((4, 4), np.uint8)
     b = a.copy()

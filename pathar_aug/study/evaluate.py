@@ -1,0 +1,181 @@
+"""Train every fold with nnU-Net's own trainer and score its validation tiles (Dice, AJI, PQ; learning curves)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from pathar_aug.config import save_json
+from pathar_aug.study.logs import captured, progress_display
+from pathar_aug.study.plan import INSTANCES_FILE, Plan
+from pathar_aug.study.prepare import Prepared, State
+from pathar_aug.study.settings import (
+    KIND_GENERATED,
+    KIND_REAL,
+    METRICS,
+    BenchmarkSettings,
+    utc_now,
+)
+
+Log = Callable[[str], None]
+
+def _fold_signature(checkpoint: Path) -> list[int]:
+    st = checkpoint.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def curve_folds(settings: BenchmarkSettings) -> set[tuple[str, int]]:
+    """(group key, seed) of the folds whose learning curve is measured: group I in every seed (the
+    plateau that sizes the schedule) and the largest real + synthetic group in seed 0 (the most data
+    for the same iterations: does it plateau too?)."""
+    if not settings.curve:
+        return set()
+    groups = settings.groups
+    picked = {(groups[0].key, k) for k in range(settings.seeds)} if groups[0].kind == KIND_REAL else set()
+    mixed = [g for g in groups if g.kind == KIND_GENERATED and g.real > 0]
+    if mixed:
+        picked.add((max(mixed, key=lambda g: g.extra).key, 0))
+    return picked
+
+
+def score_fold(preds: dict[str, np.ndarray], truth: dict[str, np.ndarray], plan: Plan) -> dict:
+    """Per validation case Dice / AJI / PQ, their means per label, and pooled Dice per label."""
+    from pathar_aug.instance_metrics import tile_scores
+
+    per_case = {c: tile_scores(pred, truth[c]) for c, pred in preds.items()}
+    out = {"scores_per_case": per_case}
+    for metric in METRICS:
+        out[f"{metric}_per_label"] = {label: float(np.mean([per_case[c][metric] for c in plan.val[label]]))
+                                      for label in plan.labels}
+    pooled = {}
+    for label in plan.labels:
+        inter = sum(int(np.logical_and(preds[c] > 0, truth[c] > 0).sum()) for c in plan.val[label])
+        total = sum(int((preds[c] > 0).sum() + (truth[c] > 0).sum()) for c in plan.val[label])
+        pooled[label] = 2 * inter / total if total else 1.0
+    out["pooled_dice_per_label"] = pooled
+    return out
+
+
+def train_and_evaluate(prepared: Prepared, identifier: str, device: torch.device, log: Log = print,
+                       show_progress: bool = True) -> dict[str, dict]:
+    """Write the folds, train each with nnU-Net's trainer (skipping finished ones), segment the
+    validation tiles with nnU-Net's predictor and cache per-case Dice, AJI and PQ (and, for the
+    curve folds, the same at 25 / 50 / 75 % of the schedule); returns fold results by name."""
+    from nnunet_integration.dataset import list_cases
+    from nnunet_integration.paths import nnunet_env
+    from nnunet_integration.runner import model_folder, predict, train_fold
+    from nnunet_integration.splits import custom_folds
+    from nnunet_integration.trainer import snapshot_path
+
+    settings, plan, out = prepared.settings, prepared.plan, prepared.out
+    base_schedule = settings.nnunet_schedule()
+    with_curve = curve_folds(settings)
+    groups = {g.key: g for g in settings.groups}
+    state = State(out / "state.json")
+    results: dict[str, dict] = {}
+    cases = list_cases(prepared.dataset)
+    with np.load(out / INSTANCES_FILE) as f:
+        truth = {c: f[c] for c in f.files}
+    nn_device = "cuda" if device.type == "cuda" else str(device)
+    with nnunet_env(*prepared.dirs.values()):
+        folds = [{"train": f["train"], "val": f["val"]} for f in plan.folds]
+        splits_file = prepared.dirs["preprocessed"] / prepared.dataset.name / "splits_final.json"
+        if not splits_file.is_file() or json.loads(splits_file.read_text()) != folds:
+            custom_folds(prepared.dataset, folds, nnunet_preprocessed=prepared.dirs["preprocessed"])
+        model_dir = model_folder(settings.dataset_id, identifier)
+        with progress_display(not show_progress) as progress:
+            overall = progress.add_task("nnU-Net groups", total=len(plan.folds), info="")
+            for k, fold in enumerate(plan.folds):
+                g = groups[fold["group"]]
+                name = f"fold{k:02d}-{g.numeral}-{g.key}-seed{fold['seed']}"
+                folder = out / "groups" / name
+                result_file = folder / "result.json"
+                final = model_dir / f"fold_{k}" / "checkpoint_final.pth"
+                if result_file.exists() and final.exists():
+                    cached = json.loads(result_file.read_text())
+                    if cached.get("checkpoint") == _fold_signature(final):
+                        cached["reused"] = True
+                        results[name] = cached
+                        progress.update(overall, advance=1)
+                        log(f"  {g.numeral:>4} {g.description} (seed {fold['seed']}): cached, mean Dice "
+                            f"{np.mean(list(cached['dice_per_label'].values())):.3f}")
+                        continue
+                schedule = base_schedule
+                if (g.key, fold["seed"]) in with_curve:
+                    schedule = dataclasses.replace(schedule, snapshot_epochs=schedule.curve_epochs())
+                label = f"{g.numeral} {g.description}" + (f" s{fold['seed']}" if settings.seeds > 1 else "")
+                progress.update(overall, info=label)
+                task = progress.add_task(f"  {label}", total=schedule.epochs, info="")
+
+                def on_line(line: str, task=task) -> None:
+                    m = re.search(r"\bEpoch (\d+)\s*$", line)
+                    if m:
+                        progress.update(task, completed=int(m.group(1)))
+                    m = re.search(r"train_loss (-?[\d.]+)", line)
+                    if m:
+                        progress.update(task, info=f"loss {float(m.group(1)):.3f}")
+
+                resumed_training = final.exists()
+                t = time.time()
+                with captured(folder / "nnunet_train.log", on_line):
+                    train_fold(settings.dataset_id, k, schedule, device=nn_device, plans_identifier=identifier,
+                               num_workers=1 if device.type == "cpu" else None)
+                train_s = time.time() - t
+                progress.update(task, completed=schedule.epochs)
+                t = time.time()
+                val_cases = fold["val"]
+                images = [prepared.dataset / cases[c]["images"][0] for c in val_cases]
+
+                def segment(checkpoint: str) -> dict[str, np.ndarray]:
+                    with captured(folder / "nnunet_predict.log"):
+                        preds = predict(model_dir, images, fold=k, checkpoint=checkpoint, device=nn_device)
+                    return dict(zip(val_cases, preds))
+
+                preds = segment("checkpoint_final.pth")
+                scores = score_fold(preds, truth, plan)
+                predict_s = time.time() - t
+                curve = []
+                for epoch in schedule.snapshot_epochs:
+                    point = scores if epoch == schedule.epochs else \
+                        score_fold(segment(snapshot_path(final.parent, epoch).name), truth, plan)
+                    curve.append({"epoch": epoch, "iteration": epoch * schedule.iterations_per_epoch,
+                                  **{f"{m}_per_label": point[f"{m}_per_label"] for m in METRICS}})
+                np.savez_compressed(folder / "predictions.npz", **preds)
+                ckpt = torch.load(final, map_location="cpu", weights_only=False)
+                logging = ckpt.get("logging", {})
+                epoch_s = [e - s for s, e in zip(logging.get("epoch_start_timestamps", []),
+                                                  logging.get("epoch_end_timestamps", []))]
+                result = {
+                    "fold": k, "seed": fold["seed"], "group": g.to_json(),
+                    "n_train": len(fold["train"]), "n_val": len(val_cases),
+                    **{key: value for key, value in scores.items() if key != "scores_per_case"},
+                    "dice_per_case": {c: v["dice"] for c, v in scores["scores_per_case"].items()},
+                    "aji_per_case": {c: v["aji"] for c, v in scores["scores_per_case"].items()},
+                    "pq_per_case": {c: v["pq"] for c, v in scores["scores_per_case"].items()},
+                    "curve": curve,
+                    "train_s": None if resumed_training else round(train_s, 1),
+                    "predict_s": round(predict_s, 1),
+                    "epochs": int(ckpt.get("current_epoch", schedule.epochs)),
+                    "epoch_s_mean": round(float(np.mean(epoch_s)), 2) if epoch_s else None,
+                    "s_per_iteration": round(float(np.mean(epoch_s)) / schedule.iterations_per_epoch, 3) if epoch_s else None,
+                    "final_train_loss": float(logging["train_losses"][-1]) if logging.get("train_losses") else None,
+                    "checkpoint": _fold_signature(final),
+                    "finished": utc_now(),
+                }
+                save_json(result, result_file)
+                result["reused"] = False
+                results[name] = result
+                state.data["folds"][name] = {"train_s": result["train_s"], "predict_s": result["predict_s"]}
+                state.save()
+                progress.remove_task(task)
+                progress.update(overall, advance=1)
+                log(f"  {g.numeral:>4} {g.description} (seed {fold['seed']}): "
+                    + ", ".join(f"{label} {v:.3f}" for label, v in result["dice_per_label"].items())
+                    + f"  [train {train_s:.0f} s, predict {predict_s:.0f} s]")
+    return results

@@ -1,0 +1,410 @@
+"""Prepare a study: split, tiles, the generator, one raw nnU-Net dataset with every case, one preprocessing."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from pathar_aug.classical_augment import expand
+from pathar_aug.config import save_json
+from pathar_aug.ingest import load_pairs
+from pathar_aug.patches import PatchSet, dihedral, make_patches, split_by_image
+from pathar_aug.pipeline import (
+    RUN_FILE,
+    Generator,
+    RunError,
+    load_generator,
+    make_settings,
+    train_run,
+)
+from pathar_aug.sampler import SamplingConfig
+from pathar_aug.study.logs import captured, progress_display
+from pathar_aug.study.plan import (
+    INSTANCES_FILE,
+    Plan,
+    Tiles,
+    make_plan,
+    pick_tiles,
+    validation_instances,
+)
+from pathar_aug.study.settings import (
+    BATCH_TAG,
+    CPU_MAX_BATCH,
+    DATASET_NAME,
+    DEFAULT_VAL_FRACTION,
+    KIND_CLASSICAL,
+    KIND_GENERATED,
+    KIND_RENDERED,
+    KIND_TEXT,
+    BenchmarkSettings,
+    stable_seed,
+)
+from pathar_aug.tokenizer import TOKENIZER_PRESETS
+
+Log = Callable[[str], None]
+
+# ------------------------------------------------------------------------- writing the dataset
+def _write_real_cases(dataset: Path, cases: list[tuple[str, np.ndarray, np.ndarray]], log: Log) -> None:
+    """Real tiles as plain nnU-Net cases (before any synthetic case, so they stay 'real')."""
+    from nnunet_integration.atomic import atomic_write_bytes, atomic_write_json
+    from nnunet_integration.dataset import (
+        list_cases,
+        png_bytes,
+        prepare_pair,
+        read_dataset_json,
+    )
+    from nnunet_integration.manifest import case_files, load_manifest
+
+    listed = set(list_cases(dataset))
+    missing = [c for c in cases if c[0] not in listed]
+    if not missing:
+        return
+    if load_manifest(dataset) is not None:
+        raise RunError(f"{dataset} lacks {len(missing)} real case(s) (e.g. {missing[0][0]}) but already holds "
+                       "synthetic ones; delete the benchmark's --out folder and run again")
+    for name, image, mask in missing:
+        image, mask = prepare_pair(name, image, mask)
+        image_rel, label_rel = case_files(name)
+        atomic_write_bytes(dataset / label_rel, png_bytes(mask))  # label first: an image never lacks its label
+        atomic_write_bytes(dataset / image_rel, png_bytes(image))
+    dj, _ = read_dataset_json(dataset)
+    dj["numTraining"] = len(list_cases(dataset, dj))
+    atomic_write_json(dataset / "dataset.json", dj)
+    log(f"  wrote {len(missing)} real tile cases")
+
+
+def _committed(dataset: Path) -> set[str]:
+    from nnunet_integration.manifest import COMMITTED, load_manifest
+
+    manifest = load_manifest(dataset)
+    return set(manifest.names(COMMITTED)) if manifest else set()
+
+
+def _write_synthetic(dataset: Path, kind: str, seed: int, batch_settings: dict, per_label: dict[str, list[str]],
+                     make_chunk: Callable[[str, int, int, int], tuple[torch.Tensor, torch.Tensor]],
+                     chunk: int, progress) -> int:
+    """Write the synthetic cases of one kind and seed, making only the chunks not committed yet.
+
+    ``make_chunk(label, label_index, start, stop)`` returns (images B x 3 x P x P uint8, masks B x 1 x P x P)."""
+    from nnunet_integration.dataset import write_cases
+    from nnunet_integration.manifest import SYNTHETIC_PREFIX
+
+    done = _committed(dataset)
+    batch = f"{BATCH_TAG[kind]}-s{seed}"
+    total = sum(len(v) for v in per_label.values())
+    todo = sum(1 for v in per_label.values() for n in v if n not in done)
+    if todo == 0:
+        return 0
+    task = progress.add_task(f"{KIND_TEXT[kind]} (seed {seed})", total=total, info="")
+
+    def cases():
+        for li, (label, names) in enumerate(per_label.items()):
+            for start in range(0, len(names), chunk):
+                stop = min(start + chunk, len(names))
+                if all(n in done for n in names[start:stop]):
+                    progress.update(task, advance=stop - start)
+                    continue
+                images, masks = make_chunk(label, li, start, stop)
+                for j, name in enumerate(names[start:stop]):
+                    case_id = name[len(SYNTHETIC_PREFIX) + len(batch) + 1:]
+                    yield case_id, images[j].permute(1, 2, 0).numpy(), masks[j, 0].numpy().astype(np.uint8)
+                progress.update(task, advance=stop - start)
+
+    report = write_cases(dataset, cases(), settings={**batch_settings, "kind": kind, "seed": seed},
+                         batch=batch, commit_every=chunk)
+    return len(report.written)
+
+
+
+# ------------------------------------------------------------------------------- generator
+def resolve_split(settings: BenchmarkSettings) -> tuple[float, int]:
+    """The validation split: explicit settings, else the model's own split, else 0.2 / seed 0."""
+    vf, seed = settings.val_fraction, settings.split_seed
+    if settings.model and (vf is None or seed is None):
+        run = json.loads((Path(settings.model) / RUN_FILE).read_text()) if (Path(settings.model) / RUN_FILE).exists() else None
+        if run is None:
+            raise RunError(f"{settings.model} is not a pathar-aug run folder (no {RUN_FILE})")
+        vf = run["settings"]["val_fraction"] if vf is None else vf
+        seed = run["settings"]["seed"] if seed is None else seed
+    return (DEFAULT_VAL_FRACTION if vf is None else vf), (0 if seed is None else seed)
+
+
+def check_heldout(run_dir: Path, val_sources: dict[str, list[str]]) -> None:
+    """Every validation source image must be among the run's held-out images (never trained on)."""
+    data = json.loads((Path(run_dir) / RUN_FILE).read_text())["data"]
+    heldout = set(data.get("heldout_sources", []))
+    leaked = [(label, s) for label, sources in val_sources.items() for s in sources if s not in heldout]
+    if leaked:
+        label, source = leaked[0]
+        raise RunError(
+            f"validation image '{source}' (label {label}) is not among the held-out images of {run_dir} "
+            f"(run.json data.heldout_sources): the generator may have trained on it"
+            + (f"; {len(leaked) - 1} more validation image(s) likewise" if len(leaked) > 1 else "")
+            + ". Use the split the model was trained with (--val-fraction, --split-seed), or leave out --model "
+              "so the benchmark trains a generator on its own training pool")
+
+
+def _generator(settings: BenchmarkSettings, out: Path, device: torch.device, split: tuple[float, int],
+               show_progress: bool, log: Log) -> tuple[Generator, bool]:
+    """(generator, whether it was trained now): the given model, else one trained on the pool in ``out``."""
+    if settings.model:
+        return load_generator(settings.model, device), False
+    run_dir = out / "generator"
+    try:
+        return load_generator(run_dir, device), False
+    except RunError:
+        pass
+    log(f"[benchmark] training a generator ({settings.preset} preset) on the real training pool only -> {run_dir}")
+    run_settings = make_settings(Path(settings.images), Path(settings.masks),
+                                 Path(settings.labels_csv) if settings.labels_csv else None, settings.preset,
+                                 val_fraction=split[0], seed=split[1])
+    train_run(run_dir, run_settings, device, resume=(run_dir / RUN_FILE).exists(), show_progress=show_progress,
+              log=log)
+    return load_generator(run_dir, device), True
+
+
+
+# ----------------------------------------------------------------------------------- state
+class State:
+    """``out/state.json``: finished stages and their timings (a killed run keeps what it finished)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {"stages": {}, "folds": {}}
+
+    def save(self) -> None:
+        save_json(self.data, self.path)
+
+
+def _check_generator(generator: Generator, labels: list[str], patch: int) -> None:
+    if generator.patch_size != patch:
+        raise RunError(f"the generator makes {generator.patch_size} px patches, the benchmark tiles are {patch} px")
+    unknown = [label for label in labels if label not in generator.label_names]
+    if unknown:
+        raise RunError(f"label '{unknown[0]}' is unknown to the model {generator.run_dir} "
+                       f"(it knows {', '.join(generator.label_names)})")
+
+
+def _check_settings(out: Path, settings: BenchmarkSettings, write: bool) -> None:
+    """A resumed folder must hold the same settings; a new one must be empty. ``write``: record them."""
+    path = out / "settings.json"
+    if path.exists():
+        before = json.loads(path.read_text())
+        now = json.loads(json.dumps(settings.to_json()))
+        diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        if diff:
+            raise ValueError(f"{out} holds a benchmark made with other settings ({', '.join(diff)} differ); "
+                             "choose another --out or delete it")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not a pathar-aug benchmark folder; choose another --out")
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        save_json(settings.to_json(), path)
+
+
+
+# ---------------------------------------------------------------------------------- the run
+@dataclass
+class Prepared:
+    settings: BenchmarkSettings
+    out: Path
+    plan: Plan
+    dataset: Path
+    patch_size: int
+    split: tuple[float, int]
+    model_dir: Path | None
+    dirs: dict[str, Path]
+
+
+
+def nnunet_dirs(out: Path) -> dict[str, Path]:
+    return {"raw": out / "nnUNet_raw", "preprocessed": out / "nnUNet_preprocessed", "results": out / "nnUNet_results"}
+
+
+def prepare(settings: BenchmarkSettings, out: str | Path, device: torch.device, log: Log = print,
+            show_progress: bool = True) -> Prepared:
+    """Split, pick tiles, (train or load) the generator, and write the one raw nnU-Net dataset."""
+    from nnunet_integration.paths import nnunet_env, resolve_dataset
+
+    out = Path(out).resolve()
+    _check_settings(out, settings, write=False)  # every check before anything is written
+    split = resolve_split(settings)
+    samples = load_pairs(settings.images, settings.masks, settings.labels_csv)
+    pool_samples, val_samples = split_by_image(samples, split[0], split[1])
+    labels = sorted({s.label for s in samples})
+    no_val = [label for label in labels if not any(s.label == label for s in val_samples)]
+    if no_val:
+        raise ValueError(f"label '{no_val[0]}' has no held-out source image (too few images, or --val-fraction "
+                         "too small): every label needs a real validation image")
+    groups = settings.groups
+    needs_generator = any(g.kind in (KIND_GENERATED, KIND_RENDERED) for g in groups)
+    generator = None
+    if settings.model:
+        generator = load_generator(settings.model, device) if needs_generator else None
+        patch = generator.patch_size if generator else \
+            json.loads((Path(settings.model) / RUN_FILE).read_text())["settings"]["tokenizer"]["patch_size"]
+    else:
+        patch = TOKENIZER_PRESETS[settings.preset].patch_size if settings.preset in TOKENIZER_PRESETS else None
+        if patch is None:
+            raise ValueError(f"unknown preset {settings.preset!r}")
+    tiles = Tiles(make_patches(pool_samples, patch, labels), make_patches(val_samples, patch, labels), [], [])
+    tiles.pool_names, tiles.val_names = Tiles.names(tiles.pool), Tiles.names(tiles.val)
+    val_instances = validation_instances(val_samples, patch, settings.instances)
+    plan, index = make_plan(settings, tiles, split[1])
+    if generator is not None:
+        _check_generator(generator, labels, patch)
+    if settings.model:
+        check_heldout(Path(settings.model), plan.val_sources)
+    log(f"[benchmark] {len(labels)} label(s): " + ", ".join(
+        f"{label} ({sum(s.label == label for s in pool_samples)} pool / {len(plan.val_sources[label])} validation "
+        f"images, {len(plan.val[label])} validation tiles)" for label in labels) + f"; tiles of {patch} px")
+    del samples, pool_samples, val_samples
+
+    _check_settings(out, settings, write=True)
+    state = State(out / "state.json")
+    model_dir = Path(settings.model) if settings.model else (out / "generator" if needs_generator else None)
+    if needs_generator and generator is None:
+        t = time.time()
+        generator, trained = _generator(settings, out, device, split, show_progress, log)
+        if trained:
+            state.data["stages"]["generator_training_s"] = round(time.time() - t, 1)
+            state.save()
+        _check_generator(generator, labels, patch)
+        check_heldout(generator.run_dir, plan.val_sources)
+
+    dirs = nnunet_dirs(out)
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+    with nnunet_env(dirs["raw"], dirs["preprocessed"], dirs["results"]):
+        dataset = resolve_dataset(f"Dataset{settings.dataset_id:03d}_{DATASET_NAME}", dirs["raw"], create=True)
+    save_json(plan.to_json(), out / "plan.json")
+    if state.data["stages"].get("dataset_written"):
+        return Prepared(settings, out, plan, dataset, patch, split, model_dir, dirs)
+
+    t = time.time()
+    real_cases = {}
+    for i in index["val"]:
+        real_cases[tiles.val_names[i]] = (tiles.val, i)
+    for idx in index["real"].values():
+        for i in idx:
+            real_cases[tiles.pool_names[i]] = (tiles.pool, i)
+
+    def arrays(patches: PatchSet, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return patches.images[i].permute(1, 2, 0).numpy(), patches.masks[i, 0].numpy()
+
+    _write_real_cases(dataset, [(name, *arrays(p, i)) for name, (p, i) in sorted(real_cases.items())], log)
+    np.savez_compressed(out / INSTANCES_FILE, **{tiles.val_names[i]: val_instances[i] for i in index["val"]})
+    labels_file = dataset / "pathar_aug_labels.json"
+    save_json({name: p.label_names[int(p.labels[i])] for name, (p, i) in sorted(real_cases.items())}, labels_file)
+    state.data["stages"]["real_cases_s"] = round(time.time() - t, 1)
+    state.save()
+
+    sampling = dict(guidance=settings.guidance, temperature=settings.temperature, top_k=settings.top_k,
+                    top_p=settings.top_p)
+    batch_settings = {"model": str(model_dir) if model_dir else None, **sampling, "patch": patch}
+    with progress_display(not show_progress) as progress:
+        for kind in (KIND_GENERATED, KIND_RENDERED, KIND_CLASSICAL):
+            if kind not in plan.synthetic:
+                continue
+            t = time.time()
+            written = 0
+            for k in range(settings.seeds):
+                written += _write_synthetic(dataset, kind, k, batch_settings, plan.synthetic[kind][k],
+                                            _chunk_maker(kind, k, settings, generator, tiles, index, sampling, device),
+                                            settings.sample_batch, progress)
+            if written:
+                state.data["stages"][f"{kind}_s"] = round(time.time() - t, 1)
+                state.save()
+                log(f"  {kind}: {written} new cases ({time.time() - t:.0f} s)")
+    state.data["stages"]["dataset_written"] = True
+    state.save()
+    return Prepared(settings, out, plan, dataset, patch, split, model_dir, dirs)
+
+
+def _chunk_maker(kind: str, seed: int, settings: BenchmarkSettings, generator: Generator | None, tiles: Tiles,
+                 index: dict, sampling: dict, device: torch.device):
+    """The function making one chunk of synthetic tiles of ``kind`` for ``_write_synthetic``."""
+    pool = tiles.pool
+
+    def config(label: str, start: int) -> SamplingConfig:
+        return SamplingConfig(batch_size=settings.sample_batch, seed=stable_seed(kind, seed, label, start), **sampling)
+
+    if kind == KIND_GENERATED:
+        def make(label, li, start, stop):
+            return generator.generate([generator.label_index(label)] * (stop - start), config(label, start), device)
+        return make
+
+    if kind == KIND_RENDERED:
+        order: dict[str, list[int]] = {}
+
+        def make(label, li, start, stop):
+            # the pool's real masks, spread over its images; cycled with a dihedral transform per pass
+            if label not in order:
+                order[label] = pick_tiles(pool, li, len(pool), random.Random(f"render-{seed}-{label}"))
+            idx = order[label]
+            masks = torch.stack([dihedral(pool.masks[idx[i % len(idx)]], (i // len(idx)) % 8)
+                                 for i in range(start, stop)])
+            images = generator.render_masks(masks, generator.label_index(label), config(label, start), device)
+            return images, masks
+        return make
+
+    def make(label, li, start, stop):  # classical: the seed's real tiles of this label, augmented
+        idx = index["real"][(seed, label)]
+        images = [pool.images[i].permute(1, 2, 0).numpy() for i in idx]
+        masks = [pool.masks[i, 0].numpy() for i in idx]
+        pairs = expand(images, masks, stop, stable_seed("classical", seed, label), settings.classical, start=start)
+        return (torch.from_numpy(np.stack([p[0] for p in pairs])).permute(0, 3, 1, 2),
+                torch.from_numpy(np.stack([p[1] for p in pairs]))[:, None])
+    return make
+
+
+def _plans_summary(plans_file: Path) -> dict:
+    plans = json.loads(plans_file.read_text())
+    config = plans["configurations"]["2d"]
+    kwargs = config["architecture"]["arch_kwargs"]
+    return {"plans_identifier": plans["plans_name"], "patch_size": config["patch_size"],
+            "batch_size": config["batch_size"], "features_per_stage": kwargs["features_per_stage"],
+            "normalization": config.get("normalization_schemes")}
+
+
+def preprocess(prepared: Prepared, log: Log = print) -> str:
+    """nnU-Net's fingerprint, planner and preprocessor, once for every case of every group."""
+    from nnunet_integration.paths import nnunet_env
+    from nnunet_integration.runner import plan_and_preprocess
+
+    state = State(prepared.out / "state.json")
+    done = state.data["stages"].get("plans_identifier")
+    pre = prepared.dirs["preprocessed"] / prepared.dataset.name
+    if done and (pre / f"{done}.json").is_file():
+        return done
+    log("[benchmark] nnU-Net: verify, fingerprint, plan, preprocess (once for all groups)")
+    t = time.time()
+    with nnunet_env(*prepared.dirs.values()), captured(prepared.out / "logs" / "nnunet_preprocess.log"):
+        identifier = plan_and_preprocess(prepared.settings.dataset_id, cpu_network=prepared.settings.cpu_network(),
+                                         num_processes=max(1, min(4, os.cpu_count() or 1)),
+                                         fingerprint_samples=100_000, keep_splits=False)
+    plans_file = pre / f"{identifier}.json"
+    planned_batch = json.loads(plans_file.read_text())["configurations"]["2d"]["batch_size"]
+    batch = prepared.settings.batch_size
+    if batch is None and prepared.settings.schedule == "cpu":
+        batch = min(planned_batch, CPU_MAX_BATCH)
+    if batch is not None and batch != planned_batch:  # the batch does not change the preprocessed data
+        from nnunet_integration.atomic import atomic_write_json
+
+        plans = json.loads(plans_file.read_text())
+        plans["configurations"]["2d"]["batch_size"] = batch
+        atomic_write_json(plans_file, plans)
+    state.data["stages"]["plan_preprocess_s"] = round(time.time() - t, 1)
+    state.data["stages"]["plans_identifier"] = identifier
+    state.data["stages"]["plans"] = {**_plans_summary(plans_file), "planned_batch_size": planned_batch}
+    state.save()
+    log(f"  plans {identifier}: {state.data['stages']['plans']} ({time.time() - t:.0f} s)")
+    return identifier

@@ -1,0 +1,208 @@
+"""What defines a study: its groups (paper Table IV rows), its settings and schedules."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+from pathar_aug.classical_augment import ClassicalAugment
+
+DEMO_DATA = Path(__file__).resolve().parent.parent / "demo_data"
+DEFAULT_VAL_FRACTION = 0.2
+DATASET_NAME = "PatharBenchmark"
+REAL_PREFIX = "r-"  # real tile cases: r-<label>-<source>-t<k>
+
+KIND_REAL, KIND_GENERATED, KIND_RENDERED, KIND_CLASSICAL = "real", "generated", "rendered", "classical"
+KIND_TEXT = {KIND_GENERATED: "synthetic", KIND_RENDERED: "mask-conditioned", KIND_CLASSICAL: "classical aug."}
+BATCH_TAG = {KIND_GENERATED: "gen", KIND_RENDERED: "ren", KIND_CLASSICAL: "cls"}
+KEY_LETTER = {KIND_GENERATED: "g", KIND_RENDERED: "m", KIND_CLASSICAL: "c"}
+EXTRA_ROWS = ("largest", "all", "none")
+METRICS = ("dice", "aji", "pq")  # per validation tile: semantic Dice, aggregated Jaccard, panoptic quality
+AVERAGE = "average"  # the summary row over all labels
+SCHEDULES = ("cpu", "full")
+
+
+# The CPU schedule's batch: nnU-Net's planner sizes the batch for a GPU (for 128 px tiles and a few
+# thousand cases it plans dozens); on 2 cores an iteration then takes many seconds. 12 is the
+# planner's reference 2D batch. Measured with the CPU plans at 128 px on 2 busy cores: batch 4
+# 1.9 s/iteration, batch 12 2.6 s/iteration (a fixed per-iteration cost dominates).
+CPU_MAX_BATCH = 12
+CPU_UNET_FEATURES, CPU_UNET_MAX_FEATURES = 16, 512
+
+
+def cpu_schedule(epochs: int | None = None, iterations: int | None = None):
+    """The short CPU schedule: 10 epochs x 20 iterations (about 5 minutes per group on 2 cores at
+    128 px, batch 12), 1 validation iteration per epoch (its pseudo Dice is not used here)."""
+    from nnunet_integration.trainer import Schedule
+
+    return Schedule(epochs=epochs or 10, iterations_per_epoch=iterations or 20, val_iterations_per_epoch=1,
+                    save_every=5)
+
+
+def full_schedule(epochs: int | None = None, iterations: int | None = None):
+    """nnU-Net's standard schedule (1000 epochs x 250 iterations, 50 validation iterations), for GPUs."""
+    from nnunet_integration.trainer import Schedule
+
+    return Schedule(epochs=epochs or 1000, iterations_per_epoch=iterations or 250, val_iterations_per_epoch=50,
+                    save_every=50)
+
+
+
+def case_part(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9-]+", "-", text).strip("-") or "x"
+
+
+def stable_seed(*parts) -> int:
+    """A stable 31-bit seed from any parts (independent of PYTHONHASHSEED)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+
+# ------------------------------------------------------------------------------------ groups
+ROMAN = ("I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "X", "XI", "XII", "XIII", "XIV", "XV")
+
+
+@dataclass(frozen=True)
+class Group:
+    """One row of the table: ``real`` real tiles + ``extra`` tiles of ``kind``, per label."""
+
+    numeral: str
+    real: int
+    extra: int
+    kind: str  # real | generated | rendered | classical
+
+    @property
+    def key(self) -> str:
+        parts = ([f"r{self.real}"] if self.real else []) + \
+                ([f"{KEY_LETTER[self.kind]}{self.extra}"] if self.extra else [])
+        return "-".join(parts)
+
+    @property
+    def description(self) -> str:
+        if not self.extra:
+            return f"{self.real} real"
+        return f"{self.real} real + {self.extra} {KIND_TEXT[self.kind]}"
+
+    def to_json(self) -> dict:
+        return {"numeral": self.numeral, "key": self.key, "description": self.description, "real": self.real,
+                "extra": self.extra, "kind": self.kind}
+
+
+def plan_groups(real: int, synthetic: Sequence[int], synthetic_only: int | None = None,
+                extra_rows: str = "largest") -> list[Group]:
+    """The groups, in table order: real only (if 0 is among ``synthetic``), synthetic only
+    (``synthetic_only`` generated tiles and no real ones; default the smallest positive count,
+    0 = no such row), real + each positive count, then the mask-conditioned and classical rows at
+    the largest count (``extra_rows='largest'``), at every positive count (``'all'``) or none."""
+    if real < 1:
+        raise ValueError(f"--real must be at least 1 real tile per label, got {real}")
+    counts = sorted(set(int(s) for s in synthetic))
+    if not counts or counts[0] < 0:
+        raise ValueError(f"--synthetic must list counts >= 0, got {list(synthetic)}")
+    if extra_rows not in EXTRA_ROWS:
+        raise ValueError(f"--extra-rows must be one of {', '.join(EXTRA_ROWS)}, got {extra_rows!r}")
+    positive = [s for s in counts if s > 0]
+    if synthetic_only is None:
+        synthetic_only = positive[0] if positive else 0
+    if synthetic_only < 0:
+        raise ValueError(f"--synthetic-only must be >= 0, got {synthetic_only}")
+    rows: list[tuple[int, int, str]] = []
+    if 0 in counts:
+        rows.append((real, 0, KIND_REAL))
+    if synthetic_only:
+        rows.append((0, synthetic_only, KIND_GENERATED))
+    rows += [(real, s, KIND_GENERATED) for s in positive]
+    extra_at = {"largest": positive[-1:], "all": positive, "none": []}[extra_rows]
+    for kind in (KIND_RENDERED, KIND_CLASSICAL):
+        rows += [(real, s, kind) for s in extra_at]
+    if len(rows) > len(ROMAN):
+        raise ValueError(f"{len(rows)} groups are too many for one table (at most {len(ROMAN)})")
+    return [Group(ROMAN[i], r, e, k) for i, (r, e, k) in enumerate(rows)]
+
+
+# ---------------------------------------------------------------------------------- settings
+@dataclass
+class BenchmarkSettings:
+    """Everything that defines the study; a resumed ``out`` folder must have been made with the same."""
+
+    images: str = str(DEMO_DATA / "images")
+    masks: str = str(DEMO_DATA / "masks")
+    labels_csv: str | None = None
+    real: int = 30
+    synthetic: tuple[int, ...] = (0, 100, 200, 400)
+    synthetic_only: int | None = None
+    extra_rows: str = "largest"
+    val: int = 50  # validation tiles per label
+    val_fraction: float | None = None  # of each label's source images; default: the model's, else 0.2
+    split_seed: int | None = None  # default: the model's split seed, else 0
+    seeds: int = 3  # repeats with other real subsets / synthetic draws / nnU-Net runs
+    schedule: str = "cpu"
+    epochs: int | None = None
+    iterations: int | None = None
+    batch_size: int | None = None  # nnU-Net batch; default: the planner's, capped at CPU_MAX_BATCH for "cpu"
+    unet_features: int = CPU_UNET_FEATURES  # "cpu" schedule: features of the U-Net's first stage ...
+    unet_max_features: int = CPU_UNET_MAX_FEATURES  # ... doubling per stage up to this
+    curve: bool = True  # learning curve (Dice at 25/50/75/100 % of the schedule) of the curve groups
+    instances: str | None = None  # instance masks for AJI/PQ (same stems); default: the masks' own ids
+    bootstrap: int = 2000  # resamples of the paired bootstrap behind each delta's interval
+    model: str | None = None
+    preset: str = "cpu"  # generator preset when no model is given
+    guidance: float = 1.5
+    temperature: float = 0.85
+    top_k: int = 100
+    top_p: float = 0.92
+    sample_batch: int = 32
+    dataset_id: int = 980
+    classical: ClassicalAugment = field(default_factory=ClassicalAugment)
+
+    def __post_init__(self) -> None:
+        self.images, self.masks = str(Path(self.images).resolve()), str(Path(self.masks).resolve())
+        self.labels_csv = str(Path(self.labels_csv).resolve()) if self.labels_csv else None
+        self.model = str(Path(self.model).resolve()) if self.model else None
+        self.instances = str(Path(self.instances).resolve()) if self.instances else None
+        self.synthetic = tuple(sorted(set(int(s) for s in self.synthetic)))
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        for name in ("val", "seeds", "sample_batch", "unet_features", "unet_max_features", "bootstrap"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("epochs", "iterations", "batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.dataset_id <= 999:
+            raise ValueError(f"dataset id must be 1-999, got {self.dataset_id}")
+        plan_groups(self.real, self.synthetic, self.synthetic_only, self.extra_rows)  # validates
+
+    @property
+    def groups(self) -> list[Group]:
+        return plan_groups(self.real, self.synthetic, self.synthetic_only, self.extra_rows)
+
+    def nnunet_schedule(self):
+        return (cpu_schedule if self.schedule == "cpu" else full_schedule)(self.epochs, self.iterations)
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["synthetic"] = list(self.synthetic)
+        data["classical"] = self.classical.to_json()
+        return data
+
+    def cpu_network(self) -> dict | bool:
+        """The ``plans.cpu_plans`` options of the "cpu" schedule; False: nnU-Net's own plan."""
+        if self.schedule != "cpu":
+            return False
+        return {"base_features": self.unet_features, "max_features": self.unet_max_features}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "BenchmarkSettings":
+        data = dict(data)
+        data["classical"] = ClassicalAugment(**data.get("classical", {}))
+        data["synthetic"] = tuple(data["synthetic"])
+        return cls(**data)
