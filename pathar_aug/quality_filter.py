@@ -35,6 +35,7 @@ import torch
 from pathar_aug.config import save_json
 from pathar_aug.evaluation.segmenter import Segmenter, SegmenterConfig, dice
 from pathar_aug.patches import PatchSet
+from pathar_aug.pipeline import RunError
 
 FILTER_DIR = "filter"
 SEGMENTER_FILE = "segmenter.pt"
@@ -53,7 +54,7 @@ MAX_OVERSAMPLE = 10.0  # a hard bound: the filter never draws more than this man
 MIN_HELDOUT_TILES = 8
 
 
-class FilterUnavailable(RuntimeError):
+class FilterUnavailable(RunError):
     """The run folder has no complete quality filter (trained before the filter stage existed)."""
 
 
@@ -150,6 +151,16 @@ def is_full(share: float) -> bool:
     return share > FULL_MIN_FOREGROUND
 
 
+def agreement(pred: np.ndarray, mask: np.ndarray) -> float:
+    """Dice of prediction and mask; an empty (or full) mask that the segmenter also sees as empty
+    (full), by the same foreground-share rule, agrees fully: a few stray predicted pixels on an
+    empty tile would otherwise make its Dice 0."""
+    ps, ms = foreground_share(pred), foreground_share(mask)
+    if (is_empty(ms) and is_empty(ps)) or (is_full(ms) and is_full(ps)):
+        return 1.0
+    return dice(pred, mask)
+
+
 def agreement_threshold(dices: Sequence[float], percentile: float) -> float:
     """The ``percentile``-th percentile of real agreement values (0 when there are none)."""
     values = np.asarray(list(dices), dtype=np.float64)
@@ -226,9 +237,8 @@ class QualityFilter:
         predicted = self.segmenter.predict(images)
         out = []
         for pred, mask in zip(predicted, masks):
-            share = foreground_share(mask)
-            agreement = dice(pred, mask)
-            out.append(PairScores(agreement, share, is_empty(share), is_full(share), agreement >= threshold))
+            share, value = foreground_share(mask), agreement(pred, mask)
+            out.append(PairScores(value, share, is_empty(share), is_full(share), value >= threshold))
         return out
 
     def select(self, images: Sequence[np.ndarray | torch.Tensor], masks: Sequence[np.ndarray | torch.Tensor],
@@ -313,7 +323,7 @@ def real_statistics(segmenter: Predictor, train: PatchSet, heldout: PatchSet | N
         if chosen:
             pairs = _pairs(patches, chosen)
             preds = segmenter.predict([p[0] for p in pairs])
-            values = [dice(pr, m) for pr, (_, m) in zip(preds, pairs)]
+            values = [agreement(pr, m) for pr, (_, m) in zip(preds, pairs)]
         n = max(len(shares), 1)
         out[name] = LabelStats(
             n_train=len(train_idx), empty_share=sum(map(is_empty, shares)) / n,

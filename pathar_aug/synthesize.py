@@ -19,7 +19,7 @@ from nnunet_integration.manifest import COMMITTED, SYNTHETIC_PREFIX, case_files,
 from nnunet_integration.paths import DatasetResolutionError, preprocessed_dir, resolve_dataset
 from nnunet_integration.splits import real_and_synthetic, update_splits
 from pathar_aug.ingest import load_pairs
-from pathar_aug.pipeline import Generator, load_generator, masks_as_patches, train_filter_stage
+from pathar_aug.pipeline import Generator, RunError, load_generator, masks_as_patches, train_filter_stage
 from pathar_aug.sampler import SamplingConfig
 from pathar_aug.training import progress_bar
 
@@ -149,7 +149,11 @@ def synthesize_into(
         if not filter_complete(model):
             log(f"quality filter: {model} was trained before the filter stage existed; training it now, once, "
                 f"into {Path(model) / 'filter'} (`pathar-aug train --out {model} --resume` does the same)")
-            train_filter_stage(model, device, show_progress=True)
+            try:
+                train_filter_stage(model, device, show_progress=True)
+            except OSError as exc:
+                raise RunError(f"cannot add the quality filter to {model} ({exc}); make the run folder writable "
+                               "or pass --no-filter") from exc
         quality = QualityFilter.load(model, device)
     dataset = resolve_dataset(into, nnunet_raw, create=True)
 
@@ -176,7 +180,7 @@ def synthesize_into(
     done = {name[len(prefix):] for name, c in (manifest.cases.items() if manifest else [])
             if c.get("batch") == batch and c["state"] == COMMITTED}
 
-    def cases() -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    def cases() -> Iterator[tuple]:  # (name, image, mask) or, scored, (name, image, mask, scores)
         with progress_bar() as bar:
             task = bar.add_task("synthesize", total=len(labels), info="")
             for c, start in enumerate(range(0, len(labels), batch_size)):

@@ -96,6 +96,10 @@ def test_empty_masks_are_kept_only_at_the_real_rate():
     sel = make_filter(empty=0.2).select(*split(pairs), "nuc")
     n_empty = sum(sel.scores[i].empty for i in sel.kept)
     assert len(sel.kept) - n_empty == 8 and n_empty == 2  # 2 / 10 = the real 20 %
+    # a stray bright pixel the segmenter marks does not turn an empty tile's agreement into Dice 0
+    image, mask = empty_pair(40)
+    image[5, 5] = 255
+    assert make_filter().score([image], [mask], 0.6)[0].agreement == 1.0
     # an empty mask over an image full of nuclei disagrees and is dropped whatever the quota
     image, _ = matched(30)
     sel = make_filter(empty=1.0).select([image], [np.zeros((SIZE, SIZE), np.uint8)], "nuc")
@@ -275,3 +279,8 @@ def test_a_run_without_filter_gets_it_on_first_use_or_with_resume(run, raw, tmp_
                               "--preset", "tiny", "--out", str(old), "--quiet", "--resume"])
     assert res.exit_code == 0, res.output
     assert (old / FILTER_DIR / STATS_FILE).is_file() and (old / FILTER_DIR / "segmenter.pt").is_file()
+    before = (old / FILTER_DIR / "segmenter.pt").read_bytes()
+    res = runner.invoke(app, ["train", "--images", str(run["images"]), "--masks", str(run["masks"]),
+                              "--preset", "tiny", "--out", str(old), "--quiet", "--resume"])
+    assert res.exit_code == 0, res.output
+    assert (old / FILTER_DIR / "segmenter.pt").read_bytes() == before  # a complete stage is skipped
