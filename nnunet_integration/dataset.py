@@ -43,6 +43,7 @@ from nnunet_integration.atomic import (
     write_tmp,
 )
 from nnunet_integration.manifest import (
+    CASE_SCORES,
     COMMITTED,
     PENDING,
     SYNTHETIC_PREFIX,
@@ -54,10 +55,13 @@ from nnunet_integration.manifest import (
     settings_batch_tag,
     synthetic_case_name,
     check_batch_tag,
+    json_safe,
 )
 from nnunet_integration.paths import FILE_ENDING, IMAGE_READER
 
 Case = tuple[str, np.ndarray, np.ndarray]
+# a case may carry a 4th element: its quality scores, recorded in the manifest (``CASE_SCORES``)
+ScoredCase = tuple[str, np.ndarray, np.ndarray, Mapping[str, Any]]
 
 
 class IncompatibleDatasetError(ValueError):
@@ -277,7 +281,7 @@ def recover(dataset_dir: Path) -> WriteReport:
 
 def write_cases(
     dataset_dir: Path,
-    cases: Iterable[Case],
+    cases: Iterable[Case | ScoredCase],
     settings: Mapping[str, Any] | None = None,
     batch: str | None = None,
     commit_every: int = 32,
@@ -285,6 +289,8 @@ def write_cases(
     total: int | None = None,
 ) -> WriteReport:
     """Add synthetic ``(case_id, image uint8 HxWx3, mask HxW)`` pairs to an nnU-Net raw dataset.
+
+    A case may carry a fourth element, a dict of its quality scores, kept in its manifest entry.
 
     Files follow ``NaturalImage2DIO``'s 2D layout (see module docstring); each case is stored as
     ``pathar_<batch>_<case_id>``. ``settings`` (model, checkpoint, sampling ...) is recorded per
@@ -344,7 +350,7 @@ def write_cases(
             task = bar.add_task("writing cases", total=total, info="")
         try:
             seen: set[str] = set()
-            staged: list[tuple[str, bytes, bytes]] = []
+            staged: list[tuple[str, bytes, bytes, Mapping[str, Any] | None]] = []
 
             def flush() -> None:
                 if staged:
@@ -353,7 +359,9 @@ def write_cases(
                     known.update(s[0] for s in staged)
                     staged.clear()
 
-            for case_id, image, mask in cases:
+            for case in cases:
+                case_id, image, mask = case[:3]
+                scores = case[3] if len(case) > 3 else None
                 name = synthetic_case_name(batch, case_id)
                 if name in seen:
                     raise ValueError(f"case id {case_id!r} appears twice")
@@ -368,7 +376,7 @@ def write_cases(
                             raise FileExistsError(f"{dataset_dir / rel} exists and is not ours; refusing to overwrite")
                     image, mask = prepare_pair(name, image, mask)
                     # only the encoded PNGs are kept until the commit, not the arrays
-                    staged.append((name, png_bytes(image), png_bytes(mask)))
+                    staged.append((name, png_bytes(image), png_bytes(mask), scores))
                     if len(staged) >= _chunk_size(commit_every, len(known)):
                         flush()
                 if bar is not None:
@@ -388,18 +396,21 @@ def _chunk_size(commit_every: int, num_cases: int) -> int:
 
 
 def _write_chunk(
-    dataset_dir: Path, manifest: Manifest, dj: dict[str, Any], batch: str, staged: list[tuple[str, bytes, bytes]]
+    dataset_dir: Path, manifest: Manifest, dj: dict[str, Any], batch: str,
+    staged: list[tuple[str, bytes, bytes, Mapping[str, Any] | None]]
 ) -> None:
-    for name, _, _ in staged:  # 1. registered before any of its files exists
+    for name, _, _, scores in staged:  # 1. registered before any of its files exists
         image, label = case_files(name)
         manifest.cases[name] = {"batch": batch, "state": PENDING, "image": image, "label": label}
+        if scores is not None:
+            manifest.cases[name][CASE_SCORES] = json_safe(scores)
     save_manifest(dataset_dir, manifest)
-    for name, image_png, label_png in staged:  # 2. label first: an image never lacks its label
+    for name, image_png, label_png, _ in staged:  # 2. label first: an image never lacks its label
         image, label = case_files(name)
         for rel, data in ((label, label_png), (image, image_png)):
             final = dataset_dir / rel
             publish_no_clobber(write_tmp(final, data), final)
     _commit(dataset_dir, dj, [s[0] for s in staged])  # 3. the commit point
-    for name, _, _ in staged:  # 4.
+    for name, *_ in staged:  # 4.
         manifest.cases[name]["state"] = COMMITTED
     save_manifest(dataset_dir, manifest)

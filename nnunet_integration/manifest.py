@@ -5,6 +5,8 @@
 - one entry per batch: who made it (a free ``settings`` dict: model, checkpoint, sampling ...),
 - one entry per synthetic case with its files and state: ``pending`` (registered, files may be
   partly written, not yet in dataset.json) or ``committed`` (listed in dataset.json),
+  and, when the quality filter chose it, its ``scores`` (image-mask agreement, foreground share,
+  empty / full, the threshold it passed),
 - the splits file it changed and that file's original text (``None``: it did not exist).
 
 Invariant kept at every instant: every synthetic case in dataset.json and every synthetic file on
@@ -34,6 +36,7 @@ _BATCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-]{0,31}$")  # no '_': the name 
 _CASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,99}$")
 
 PENDING, COMMITTED = "pending", "committed"
+CASE_SCORES = "scores"  # optional per-case data: the quality filter's scores of the pair
 
 
 class ManifestError(RuntimeError):
@@ -67,6 +70,16 @@ def case_files(name: str) -> tuple[str, str]:
     return f"imagesTr/{name}_0000{FILE_ENDING}", f"labelsTr/{name}{FILE_ENDING}"
 
 
+def json_safe(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON-safe copy of a settings or scores dict (numpy numbers become plain ones)."""
+    return json.loads(json.dumps(dict(data), default=_plain))
+
+
+def _plain(value: Any) -> Any:
+    item = getattr(value, "item", None)  # numpy scalars
+    return item() if callable(item) else str(value)
+
+
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -80,6 +93,10 @@ class Manifest:
 
     def names(self, state: str | None = None) -> list[str]:
         return [n for n, c in self.cases.items() if state is None or c["state"] == state]
+
+    def scores(self, name: str) -> dict[str, Any] | None:
+        """The quality scores recorded with a case (None: written without the filter)."""
+        return self.cases[name].get(CASE_SCORES)
 
     def add_batch(self, batch: str, settings: Mapping[str, Any]) -> None:
         settings = json.loads(json.dumps(dict(settings), default=str))  # JSON-safe copy

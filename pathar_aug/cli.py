@@ -126,6 +126,9 @@ def synthesize(
     device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
     nnunet_raw: Optional[Path] = typer.Option(None, help="nnU-Net raw folder (default $nnUNet_raw)."),
     nnunet_preprocessed: Optional[Path] = typer.Option(None, help="nnU-Net preprocessed folder (default $nnUNet_preprocessed)."),
+    quality_filter: bool = typer.Option(True, "--filter/--no-filter", help="Keep only pairs whose image and mask agree (see below); --no-filter writes every sampled pair."),
+    oversample: float = typer.Option(3.0, help="Filter: candidates drawn per requested pair, 1 to 10 (sampling time grows with it)."),
+    min_agreement: Optional[float] = typer.Option(None, help="Filter: minimum image-mask Dice for every label (default: per label, the 10th percentile of real held-out tiles)."),
 ) -> None:
     """Add synthetic pairs to an nnU-Net v2 raw dataset (imagesTr/labelsTr, dataset.json).
 
@@ -138,13 +141,28 @@ def synthesize(
     When that folder is known, this command writes or updates splits_final.json so that every
     fold trains on its real cases plus all synthetic cases and validates on real cases only
     (nnU-Net's own 5 folds over the real cases). Preprocess again after adding cases.
-    """
-    from pathar_aug.synthesize import synthesize_into
 
-    synthesize_into(model=model, into=into, n=n, label=label, per_label=per_label, masks_from=masks_from,
-                    guidance=cfg, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                    batch_size=batch_size, device=_device(device), nnunet_raw=nnunet_raw,
-                    nnunet_preprocessed=nnunet_preprocessed, log=console.print)
+    [bold]Quality filter (on by default).[/bold] The run's own segmenter, trained on its real
+    training patches, segments each generated image; its Dice against the generated mask is the
+    pair's agreement. --oversample candidates are drawn per requested pair and the best per label
+    are kept among those reaching the threshold (default: the 10th percentile of the same
+    segmenter's Dice on real held-out tiles of that label); empty and full masks are kept at most
+    at the real data's rate. Each kept pair's scores are recorded in the manifest and the
+    acceptance rate per label is printed. No more than --oversample x --n candidates are ever drawn:
+    a label with too few passing candidates gets fewer pairs, and the command says how many were
+    written against how many were requested. Masks given with --masks-from are scored, never
+    dropped. A run trained before the filter existed gets it trained once, on first use
+    (`pathar-aug train --out RUN --resume` adds it too).
+    """
+    from pathar_aug.synthesize import acceptance_lines, synthesize_into
+
+    result = synthesize_into(model=model, into=into, n=n, label=label, per_label=per_label, masks_from=masks_from,
+                             guidance=cfg, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                             batch_size=batch_size, device=_device(device), nnunet_raw=nnunet_raw,
+                             nnunet_preprocessed=nnunet_preprocessed, log=console.print,
+                             quality_filter=quality_filter, oversample=oversample, min_agreement=min_agreement)
+    for line in acceptance_lines(result):
+        console.print(line)
 
 
 # ------------------------------------------------------------------------------ import / clean

@@ -16,10 +16,11 @@ DEMO_DATASET = "Dataset990_PatharDemo"
 
 def run_demo(out: Path, device: torch.device, tokenizer_steps: int, prior_steps: int, n_per_label: int,
              log: Callable[[str], None] = print) -> None:
-    """Train (cpu preset, shortened), import the real demo cases, add synthetic ones, then run
-    nnU-Net's integrity check and plan-and-preprocess. Re-running resumes and skips finished parts."""
+    """Train (cpu preset, shortened), import the real demo cases, add synthetic ones chosen by the
+    quality filter, then run nnU-Net's integrity check and plan-and-preprocess. Re-running resumes
+    and skips finished parts."""
     from nnunet_integration.runner import plan_and_preprocess, verify
-    from pathar_aug.synthesize import import_real, synthesize_into
+    from pathar_aug.synthesize import acceptance_lines, import_real, synthesize_into
 
     t0 = time.time()
     out = Path(out).resolve()
@@ -37,9 +38,11 @@ def run_demo(out: Path, device: torch.device, tokenizer_steps: int, prior_steps:
         if not (dataset / "dataset.json").exists():
             log(f"[demo] importing the real demo pairs into {dataset}")
             import_real(DEMO_DATA / "images", DEMO_DATA / "masks", str(dataset), log=log)
-        log(f"[demo] synthesizing {n_per_label} pairs per label")
-        synthesize_into(run, str(dataset), n_per_label, per_label=True, device=device, nnunet_preprocessed=pre,
-                        log=log)
+        log(f"[demo] synthesizing {n_per_label} pairs per label (quality filter on)")
+        result = synthesize_into(run, str(dataset), n_per_label, per_label=True, device=device,
+                                 nnunet_preprocessed=pre, log=log, quality_filter=True)
+        for line in acceptance_lines(result):
+            log(line)
         log("[demo] nnU-Net: verify_dataset_integrity")
         verify(dataset)
         log("[demo] nnU-Net: plan and preprocess (2d)")

@@ -7,6 +7,7 @@
       tokens/                   train_tokens.pt (x8 dihedral views), heldout_tokens.pt
       prior/                    prior.pt, prior_loss.csv, held-out NLL
       samples_preview.png       one row of generated pairs per label
+      filter/                   segmenter.pt, filter.json: the quality filter `synthesize` applies
 
 Every stage checks whether its output is complete and skips it, so an interrupted run resumes
 where it stopped.
@@ -134,7 +135,25 @@ def train_run(run_dir: str | Path, settings: RunSettings, device: torch.device, 
                 heldout_tokens_path=heldout_tokens if heldout is not None else None, progress=show_progress)
     generator = load_generator(run_dir, device)
     save_sample_preview(generator, run_dir / "samples_preview.png", device)
+
+    log("quality filter (last stage): a segmenter trained on the real training patches, for synthesize")
+    train_filter_stage(run_dir, device, show_progress, settings=settings, patches=(train_patches, heldout))
     return run_dir
+
+
+def train_filter_stage(run_dir: str | Path, device: torch.device, show_progress: bool = True,
+                       settings: RunSettings | None = None,
+                       patches: tuple[PatchSet, PatchSet | None] | None = None) -> Path:
+    """The quality-filter stage (skipped when complete). Also adds the filter to a run trained before
+    the stage existed: `pathar-aug train --out RUN --resume` reaches it with every other stage done."""
+    from pathar_aug.quality_filter import FILTER_PRESETS, FilterConfig, train_filter  # imports the evaluation
+
+    run_dir = Path(run_dir)
+    if settings is None:
+        settings = RunSettings.from_json(json.loads((run_dir / RUN_FILE).read_text())["settings"])
+    train_patches, heldout = patches if patches is not None else load_patches(run_dir)
+    config = FILTER_PRESETS.get(settings.preset, FilterConfig())
+    return train_filter(run_dir, train_patches, heldout, config, settings.seed, device, show_progress)
 
 
 @dataclass

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -17,11 +19,64 @@ from nnunet_integration.manifest import COMMITTED, SYNTHETIC_PREFIX, case_files,
 from nnunet_integration.paths import DatasetResolutionError, preprocessed_dir, resolve_dataset
 from nnunet_integration.splits import real_and_synthetic, update_splits
 from pathar_aug.ingest import load_pairs
-from pathar_aug.pipeline import Generator, load_generator, masks_as_patches
+from pathar_aug.pipeline import Generator, RunError, load_generator, masks_as_patches, train_filter_stage
 from pathar_aug.sampler import SamplingConfig
 from pathar_aug.training import progress_bar
 
 Log = Callable[[str], None]
+
+
+@dataclass
+class LabelAcceptance:
+    """What the quality filter did for one label in one ``synthesize_into`` call."""
+
+    label: str
+    requested: int
+    written: int = 0  # this batch's cases of the label now in the dataset (new or already present)
+    candidates: int = 0  # pairs generated and scored in this call (chunks already written are not redone)
+    passed: int = 0  # of them, at or above the agreement threshold
+    kept: int = 0  # of them, written
+    threshold: float | None = None
+
+    @property
+    def acceptance(self) -> float | None:
+        """Kept / generated candidates (None: nothing was generated in this call)."""
+        return self.kept / self.candidates if self.candidates else None
+
+    @property
+    def short(self) -> int:
+        return max(0, self.requested - self.written)
+
+
+@dataclass
+class SynthesisResult:
+    dataset: Path
+    batch: str
+    filter: str  # "on": pairs selected; "scores": scored only (mask-conditioned); "off"
+    new: int = 0
+    present: int = 0
+    labels: dict[str, LabelAcceptance] = field(default_factory=dict)
+
+
+def acceptance_lines(result: SynthesisResult) -> list[str]:
+    """One line per label on what the filter kept, and what to do when a label fell short."""
+    if result.filter == "off":
+        return []
+    lines = []
+    for acc in result.labels.values():
+        thr = f"agreement >= {acc.threshold:.2f}" if acc.threshold is not None else "agreement"
+        if result.filter == "scores":
+            lines.append(f"filter {acc.label}: scores recorded, nothing dropped (masks given); "
+                         f"{acc.passed} of {acc.candidates} pairs reach {thr}")
+            continue
+        rate = f"{acc.acceptance:.0%}" if acc.acceptance is not None else "n/a"
+        lines.append(f"filter {acc.label}: kept {acc.kept} of {acc.candidates} candidates (acceptance {rate}; "
+                     f"{acc.passed} reached {thr}); {acc.written} of {acc.requested} requested pairs written")
+        if acc.short:
+            lines.append(f"  [yellow]{acc.label}: {acc.short} pair(s) short[/yellow]: too few candidates passed. "
+                         "Rerun with a larger --oversample (at most 10) or a lower --min-agreement (each is a new "
+                         "batch; `pathar-aug clean` removes this one first), or with --no-filter")
+    return lines
 
 
 def _safe(text: str) -> str:
@@ -57,12 +112,28 @@ def synthesize_into(
     masks_from: Path | None = None, guidance: float = 1.5, temperature: float = 0.85, top_k: int = 100,
     top_p: float = 0.92, seed: int = 0, batch_size: int = 32, device: torch.device = torch.device("cpu"),
     nnunet_raw: Path | None = None, nnunet_preprocessed: Path | None = None, log: Log = print,
-) -> Path:
-    """Make pairs with a trained run and add them to a raw dataset; returns the dataset folder.
+    quality_filter: bool = True, oversample: float | None = None, min_agreement: float | None = None,
+) -> SynthesisResult:
+    """Make pairs with a trained run and add them to a raw dataset; returns what was written.
 
     Pairs are made in chunks of ``batch_size``, chunk c seeded by (seed, c), so a rerun of the same
     command regenerates exactly the chunks whose cases are not committed yet, and completes the set.
+
+    With ``quality_filter`` each chunk draws ``oversample`` candidates per requested pair (never
+    more: the filter cannot loop), and keeps per label the best by image-mask agreement among those
+    at or above the threshold, with empty and full masks at most at the real data's rate; a label
+    whose candidates fall short gets fewer pairs (``SynthesisResult.labels`` says how many). Each
+    kept pair's scores go into the manifest. Mask-conditioned pairs (``masks_from``) are scored and
+    recorded, never dropped: their masks are the user's. A run without a filter (trained before the
+    stage existed) gets it trained here first, once, into its run folder.
     """
+    from pathar_aug.quality_filter import DEFAULT_OVERSAMPLE, MAX_OVERSAMPLE, QualityFilter, filter_complete, quota
+
+    oversample = DEFAULT_OVERSAMPLE if oversample is None else float(oversample)
+    if quality_filter and not 1.0 <= oversample <= MAX_OVERSAMPLE:
+        raise ValueError(f"--oversample must be between 1 and {MAX_OVERSAMPLE:g}, got {oversample:g}")
+    if min_agreement is not None and not 0.0 <= min_agreement <= 1.0:
+        raise ValueError(f"--min-agreement is a Dice in [0, 1], got {min_agreement:g}")
     generator = load_generator(model, device)
     labels = plan_labels(generator, n, label, per_label)
     structure_masks = None
@@ -73,20 +144,43 @@ def synthesize_into(
         structure_masks = tiles[:n]
         labels = [labels[0]] * len(structure_masks)
     _check_target(into, nnunet_raw)
+    quality = None
+    if quality_filter:
+        if not filter_complete(model):
+            log(f"quality filter: {model} was trained before the filter stage existed; training it now, once, "
+                f"into {Path(model) / 'filter'} (`pathar-aug train --out {model} --resume` does the same)")
+            try:
+                train_filter_stage(model, device, show_progress=True)
+            except OSError as exc:
+                raise RunError(f"cannot add the quality filter to {model} ({exc}); make the run folder writable "
+                               "or pass --no-filter") from exc
+        quality = QualityFilter.load(model, device)
     dataset = resolve_dataset(into, nnunet_raw, create=True)
 
     sampling = dict(guidance=guidance, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     settings = {"model": str(Path(model).resolve()), "mode": "mask-conditioned" if masks_from else "label-only",
                 "masks_from": str(Path(masks_from).resolve()) if masks_from else None, "n": n, "label": label,
                 "per_label": per_label, "batch_size": batch_size, **sampling}
+    if quality is not None:  # absent without the filter: unfiltered batches keep their earlier tags
+        settings["filter"] = {"segmenter": quality.fingerprint, "min_agreement": min_agreement,
+                              "oversample": None if masks_from else oversample}
     batch = settings_batch_tag(settings)
+    mode = "off" if quality is None else ("scores" if structure_masks is not None else "on")
+    result = SynthesisResult(dataset, batch, mode, labels={
+        generator.label_names[li]: LabelAcceptance(generator.label_names[li], labels.count(li))
+        for li in sorted(set(labels))})
+    position: dict[int, int] = {}  # each pair's index within its label's sequence: the quotas follow it
+    seen: dict[int, int] = {}
+    for i, li in enumerate(labels):
+        position[i] = seen.get(li, 0)
+        seen[li] = position[i] + 1
     names = [f"{_safe(generator.label_names[li])}-{i:05d}" for i, li in enumerate(labels)]
     manifest = load_manifest(dataset)
     prefix = f"{SYNTHETIC_PREFIX}{batch}_"
     done = {name[len(prefix):] for name, c in (manifest.cases.items() if manifest else [])
             if c.get("batch") == batch and c["state"] == COMMITTED}
 
-    def cases() -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    def cases() -> Iterator[tuple]:  # (name, image, mask) or, scored, (name, image, mask, scores)
         with progress_bar() as bar:
             task = bar.add_task("synthesize", total=len(labels), info="")
             for c, start in enumerate(range(0, len(labels), batch_size)):
@@ -96,16 +190,66 @@ def synthesize_into(
                     continue
                 cfg = SamplingConfig(batch_size=batch_size, **{**sampling, "seed": seed * 1_000_003 + c})
                 chunk_labels = [labels[i] for i in chunk]
+                if quality is not None and structure_masks is None:
+                    yield from filtered_chunk(chunk, cfg)
+                    bar.update(task, advance=len(chunk))
+                    continue
                 if structure_masks is None:
                     images, masks = generator.generate(chunk_labels, cfg, device)
                 else:
                     masks = structure_masks[chunk.start:chunk.stop]
                     images = generator.render_masks(masks, chunk_labels[0], cfg, device)
+                scores: list = [None] * len(chunk)
+                if quality is not None:  # mask-conditioned: score and record, drop nothing
+                    name = generator.label_names[chunk_labels[0]]
+                    threshold = quality.stats[name].threshold if min_agreement is None else min_agreement
+                    raw = quality.score(images, masks, threshold)
+                    scores = [s.to_json(threshold) for s in raw]
+                    acc = result.labels[name]
+                    acc.candidates += len(raw)
+                    acc.kept += len(raw)
+                    acc.passed += sum(s.passed for s in raw)
+                    acc.threshold = threshold
                 for j, i in enumerate(chunk):
-                    yield names[i], images[j].permute(1, 2, 0).numpy(), masks[j, 0].numpy()
+                    case = (names[i], images[j].permute(1, 2, 0).numpy(), masks[j, 0].numpy())
+                    yield case if scores[j] is None else (*case, scores[j])
                 bar.update(task, advance=len(chunk))
 
+    def filtered_chunk(chunk: range, cfg: SamplingConfig) -> Iterator[tuple]:
+        """Draw oversample x the chunk's pairs per label in one go; keep the best of each label."""
+        by_label: dict[int, list[int]] = {}
+        for i in chunk:
+            by_label.setdefault(labels[i], []).append(i)
+        drawn = {li: math.ceil(oversample * len(idx)) for li, idx in by_label.items()}
+        images, masks = generator.generate([li for li in by_label for _ in range(drawn[li])], cfg, device)
+        offset = 0
+        for li, idx in by_label.items():
+            name, part = generator.label_names[li], slice(offset, offset + drawn[li])
+            offset += drawn[li]
+            stats, first = quality.stats[name], position[idx[0]]
+            selection = quality.select(images[part], masks[part], name, keep=len(idx),
+                                       max_empty=quota(stats.empty_share, first, first + len(idx)),
+                                       max_full=quota(stats.full_share, first, first + len(idx)),
+                                       min_agreement=min_agreement)
+            acc = result.labels[name]
+            acc.candidates += selection.candidates
+            acc.passed += selection.passed
+            acc.kept += len(selection.kept)
+            acc.threshold = selection.threshold
+            # the best pair takes the chunk's first name of the label; a short label leaves its last
+            # names unused, so a rerun finds the chunk incomplete, redraws the same pairs and skips them
+            for i, k in zip(idx, selection.kept):
+                j = part.start + k
+                yield (names[i], images[j].permute(1, 2, 0).numpy(), masks[j, 0].numpy(),
+                       selection.scores[k].to_json(selection.threshold))
+
     report = write_cases(dataset, cases(), settings=settings, batch=batch, commit_every=batch_size)
+    # chunks found complete were not even generated: count this batch's cases in the manifest
+    committed = {name for name, c in load_manifest(dataset).cases.items()
+                 if c.get("batch") == batch and c["state"] == COMMITTED}
+    result.new, result.present = len(report.written), len(committed) - len(report.written)
+    for name, li in zip(names, labels):
+        result.labels[generator.label_names[li]].written += f"{prefix}{name}" in committed
     log(f"{dataset}: {len(report.written)} new synthetic cases (batch {batch}), "
         f"{len(report.skipped)} already present, numTraining {report.num_training}")
     n_real = len(real_and_synthetic(dataset)[0])
@@ -118,7 +262,7 @@ def synthesize_into(
     else:
         log("splits: $nnUNet_preprocessed unknown; run `pathar-aug synthesize` again with --nnunet-preprocessed "
             "(or set it) so validation folds stay real-only")
-    return dataset
+    return result
 
 
 def import_real(images: Path, masks: Path, into: str, labels_csv: Path | None = None,

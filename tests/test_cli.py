@@ -72,7 +72,7 @@ def test_end_to_end_import_synthesize_verify_preprocess_clean(trained, nnunet_di
     dataset = raw / "Dataset501_Nuclei"
     real_files = snapshot(dataset)
     res = runner.invoke(app, ["synthesize", "--model", str(trained["run"]), "--into", "501", "--n", "4",
-                              "--per-label", "--batch-size", "4"])
+                              "--per-label", "--batch-size", "4", "--no-filter"])  # exact counts: unfiltered
     assert res.exit_code == 0, res.output
     dj = json.loads((dataset / "dataset.json").read_text())
     synthetic = [c for c in dj["dataset"] if c.startswith("pathar_")]
@@ -166,7 +166,7 @@ def test_kill_during_synthesize_leaves_a_valid_dataset_and_rerun_completes(train
     from nnunet_integration.runner import verify
 
     cmd = [sys.executable, "-m", "pathar_aug.cli", "synthesize", "--model", str(trained["run"]),
-           "--into", "505", "--n", "400", "--batch-size", "4", "--device", "cpu"]
+           "--into", "505", "--n", "400", "--batch-size", "4", "--device", "cpu", "--no-filter"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     manifest = None
     deadline = time.time() + 240

@@ -120,7 +120,7 @@ def test_synthetic_nnunet_dataset_and_plain_folders(trained, tmp_path, monkeypat
                               "--into", "Dataset502_Eval"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["synthesize", "--model", str(trained["run"]), "--into", "502", "--n", "2",
-                              "--per-label", "--batch-size", "4"])
+                              "--per-label", "--batch-size", "4", "--no-filter"])  # exact counts: unfiltered
     assert res.exit_code == 0, res.output
     dataset = raw / "Dataset502_Eval"
 

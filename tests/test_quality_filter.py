@@ -1,0 +1,286 @@
+"""The quality filter: scores, selection rules on constructed pairs, the train stage, synthesize."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pathar_aug.cli import app
+from pathar_aug.patches import PatchSet
+from pathar_aug.quality_filter import (
+    FILTER_DIR, STATS_FILE, LabelStats, QualityFilter, agreement_threshold, quota, real_statistics,
+)
+from tests.conftest import disc_pair, write_pair_folders
+
+runner = CliRunner()
+SIZE = 32
+
+
+class BrightSegmenter:
+    """Stands in for the filter's network: foreground wherever the image is bright."""
+
+    def predict(self, images, threshold: float = 0.5) -> list[np.ndarray]:
+        return [np.asarray(i).mean(-1) > 110 for i in images]
+
+
+def stats(threshold: float = 0.6, empty: float = 0.0, full: float = 0.0) -> LabelStats:
+    return LabelStats(n_train=100, empty_share=empty, full_share=full, threshold=threshold,
+                      agreement_source="heldout", agreement_n=50, agreement_mean=0.8)
+
+
+def make_filter(**kw) -> QualityFilter:
+    return QualityFilter(BrightSegmenter(), {"nuc": stats(**kw)})
+
+
+def matched(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    image, mask = disc_pair(SIZE, np.random.default_rng(seed))  # bright discs on dark
+    return image, mask
+
+
+def mismatched(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    image, mask = matched(seed)
+    return image, np.roll(np.rot90(mask), SIZE // 2, axis=0)  # the discs are elsewhere
+
+
+def empty_pair(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(10, 40, (SIZE, SIZE, 3)).astype(np.uint8), np.zeros((SIZE, SIZE), np.uint8)
+
+
+def full_pair(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(200, 240, (SIZE, SIZE, 3)).astype(np.uint8), np.ones((SIZE, SIZE), np.uint8)
+
+
+def split(pairs):
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def test_agreeing_pairs_are_kept_and_disagreeing_ones_dropped():
+    pairs = [matched(0), mismatched(1), matched(2), mismatched(3), matched(4)]
+    sel = make_filter().select(*split(pairs), "nuc")
+    assert sorted(sel.kept) == [0, 2, 4]
+    assert [s.passed for s in sel.scores] == [True, False, True, False, True]
+    assert all(sel.scores[i].agreement > 0.9 for i in (0, 2, 4))
+    assert all(sel.scores[i].agreement < 0.6 for i in (1, 3))
+    assert sel.candidates == 5 and sel.passed == 3 and sel.acceptance == pytest.approx(0.6)
+    # keep: the best first, never more than asked, never a pair under the threshold
+    sel = make_filter().select(*split(pairs), "nuc", keep=2)
+    assert len(sel.kept) == 2 and set(sel.kept) <= {0, 2, 4}
+    assert sel.scores[sel.kept[0]].agreement >= sel.scores[sel.kept[1]].agreement
+    assert make_filter().select(*split(pairs), "nuc", min_agreement=0.0).passed == 5
+    # generator layout (3 x H x W images, 1 x H x W masks as tensors) scores the same
+    images = [torch.from_numpy(i).permute(2, 0, 1) for i, _ in pairs]
+    masks = [torch.from_numpy(m)[None] for _, m in pairs]
+    assert make_filter().select(images, masks, "nuc").kept == sel_kept_default(pairs)
+
+
+def sel_kept_default(pairs) -> list[int]:
+    return make_filter().select(*split(pairs), "nuc").kept
+
+
+def test_empty_masks_are_kept_only_at_the_real_rate():
+    # empty masks over empty-looking images agree perfectly (Dice 1) and would win every ranking
+    pairs = [empty_pair(i) for i in range(8)] + [matched(10 + i) for i in range(8)]
+    sel = make_filter(empty=0.25).select(*split(pairs), "nuc", keep=8)
+    kept_empty = [i for i in sel.kept if sel.scores[i].empty]
+    assert len(sel.kept) == 8 and len(kept_empty) == 2 == sel.max_empty
+    assert make_filter(empty=0.0).select(*split(pairs), "nuc", keep=8).kept == \
+        sorted(range(8, 16), key=lambda i: -make_filter().score([pairs[i][0]], [pairs[i][1]], 0.6)[0].agreement)
+    # without keep: every passing regular pair, and empties at the real share of the kept set
+    sel = make_filter(empty=0.2).select(*split(pairs), "nuc")
+    n_empty = sum(sel.scores[i].empty for i in sel.kept)
+    assert len(sel.kept) - n_empty == 8 and n_empty == 2  # 2 / 10 = the real 20 %
+    # a stray bright pixel the segmenter marks does not turn an empty tile's agreement into Dice 0
+    image, mask = empty_pair(40)
+    image[5, 5] = 255
+    assert make_filter().score([image], [mask], 0.6)[0].agreement == 1.0
+    # an empty mask over an image full of nuclei disagrees and is dropped whatever the quota
+    image, _ = matched(30)
+    sel = make_filter(empty=1.0).select([image], [np.zeros((SIZE, SIZE), np.uint8)], "nuc")
+    assert sel.kept == [] and sel.scores[0].empty and not sel.scores[0].passed
+
+
+def test_full_masks_are_kept_only_at_the_real_rate():
+    pairs = [full_pair(i) for i in range(6)] + [matched(20 + i) for i in range(6)]
+    sel = make_filter(full=0.0).select(*split(pairs), "nuc", keep=6)
+    assert not any(sel.scores[i].full for i in sel.kept) and len(sel.kept) == 6
+    sel = make_filter(full=0.5).select(*split(pairs), "nuc", keep=6)
+    assert sum(sel.scores[i].full for i in sel.kept) == 3 and len(sel.kept) == 6
+    sel = make_filter(full=0.5).select(*split(pairs), "nuc", keep=6, max_full=1)  # explicit quota wins
+    assert sum(sel.scores[i].full for i in sel.kept) == 1
+
+
+def test_quotas_of_separate_chunks_add_up_to_the_real_rate():
+    for share in (0.0, 0.1, 0.19, 0.5, 0.77, 1.0):
+        for n, step in ((100, 32), (7, 3), (400, 4)):
+            assert sum(quota(share, a, min(a + step, n)) for a in range(0, n, step)) == int(share * n + 0.5)
+
+
+def _patchset(pairs, label_names=("nuc",)) -> PatchSet:
+    return PatchSet(images=torch.from_numpy(np.stack([p[0] for p in pairs])).permute(0, 3, 1, 2).contiguous(),
+                    masks=torch.from_numpy(np.stack([p[1] for p in pairs]))[:, None].to(torch.uint8),
+                    labels=torch.zeros(len(pairs), dtype=torch.long), label_names=list(label_names),
+                    sources=[f"s{i}" for i in range(len(pairs))])
+
+
+def test_threshold_and_shares_come_from_the_real_tiles():
+    seg = BrightSegmenter()
+    train = _patchset([matched(i) for i in range(6)] + [empty_pair(50), empty_pair(51), full_pair(52)]
+                      + [mismatched(60)])
+    # held-out tiles with a spread of agreement: some masks shifted by a few pixels
+    held = [matched(100 + i) for i in range(6)]
+    held += [(img, np.roll(m, s, axis=1)) for s, (img, m) in zip((2, 4, 6, 8), [matched(200 + i) for i in range(4)])]
+    held += [empty_pair(300)]  # empty tiles do not enter the agreement distribution
+    heldout = _patchset(held)
+    out = real_statistics(seg, train, heldout, percentile=10.0)["nuc"]
+    assert out.n_train == 10 and out.empty_share == pytest.approx(0.2) and out.full_share == pytest.approx(0.1)
+    expected = [QualityFilter(seg, {"nuc": stats()}).score([i], [m], 0.0)[0].agreement for i, m in held[:-1]]
+    assert out.agreement_source == "heldout" and out.agreement_n == 10
+    assert out.threshold == pytest.approx(np.percentile(expected, 10.0))
+    assert out.threshold == pytest.approx(agreement_threshold(expected, 10.0))
+    assert min(expected) <= out.threshold < np.median(expected)
+    # too few held-out tiles: the training tiles (regular ones only) give the distribution
+    small = real_statistics(seg, train, _patchset(held[:3]), percentile=10.0)["nuc"]
+    assert small.agreement_source == "train" and small.agreement_n == 7
+    assert real_statistics(seg, train, None, 10.0)["nuc"].agreement_source == "train"
+
+
+# ------------------------------------------------------------------ a real run and nnU-Net dataset
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, one_thread) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("qf")
+    images, masks = write_pair_folders(root / "data", n=10, size=64, labels=("bright", "dark"))
+    res = runner.invoke(app, ["train", "--images", str(images), "--masks", str(masks), "--preset", "tiny",
+                              "--out", str(root / "run"), "--quiet", "--val-fraction", "0.2"])
+    assert res.exit_code == 0, res.output
+    return {"root": root, "images": images, "masks": masks, "run": root / "run"}
+
+
+@pytest.fixture
+def raw(tmp_path, monkeypatch) -> Path:
+    dirs = {k: tmp_path / k for k in ("raw", "pre", "res")}
+    for d in dirs.values():
+        d.mkdir()
+    monkeypatch.setenv("nnUNet_raw", str(dirs["raw"]))
+    monkeypatch.setenv("nnUNet_preprocessed", str(dirs["pre"]))
+    monkeypatch.setenv("nnUNet_results", str(dirs["res"]))
+    return dirs["raw"]
+
+
+def test_train_stores_the_filter_and_it_judges_real_pairs(run):
+    folder = run["run"] / FILTER_DIR
+    data = json.loads((folder / STATS_FILE).read_text())
+    assert (folder / "segmenter.pt").is_file() and set(data["labels"]) == {"bright", "dark"}
+    for s in data["labels"].values():
+        assert 0.0 <= s["empty_share"] <= 1.0 and 0.0 < s["threshold"] <= s["agreement_quantiles"]["p50"]
+    from pathar_aug.evaluation.segmenter import SegmenterConfig
+    from pathar_aug.pipeline import load_patches
+
+    quality = QualityFilter.load(run["run"])
+    assert quality.segmenter.config.seed != SegmenterConfig().seed  # not the evaluation's segmenter
+    assert quality.segmenter.config.width != SegmenterConfig().width
+    train, _ = load_patches(run["run"])
+    idx = [i for i in range(len(train)) if train.masks[i].float().mean() > 0.05][:6]
+    images = [train.images[i] for i in idx]
+    own = [train.masks[i] for i in idx]
+    other = [torch.rot90(train.masks[i], 1, (-2, -1)).roll(8, -1) for i in idx]
+    label = train.label_names[int(train.labels[idx[0]])]
+    sel = quality.select(images + images, own + other, label, min_agreement=0.0)
+    agree = [s.agreement for s in sel.scores]
+    assert np.mean(agree[:6]) > np.mean(agree[6:]) + 0.2  # its own mask agrees, a moved one does not
+
+
+def test_synthesize_records_scores_and_acceptance(run, raw):
+    from nnunet_integration.manifest import load_manifest
+    from nnunet_integration.runner import verify
+
+    res = runner.invoke(app, ["import", "--images", str(run["images"]), "--masks", str(run["masks"]),
+                              "--into", "Dataset511_Filter"])
+    assert res.exit_code == 0, res.output
+    dataset = raw / "Dataset511_Filter"
+    # threshold 0: every candidate passes, so the count is deterministic; the best 4 of 8 are kept
+    res = runner.invoke(app, ["synthesize", "--model", str(run["run"]), "--into", "511", "--n", "4", "--per-label",
+                              "--batch-size", "4", "--oversample", "2", "--min-agreement", "0"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "filter bright: kept" in text and "acceptance" in text and "of 4 requested pairs written" in text
+    manifest = load_manifest(dataset)
+    (settings,) = [b["settings"] for b in manifest.batches.values()]
+    assert settings["filter"]["oversample"] == 2.0 and settings["filter"]["min_agreement"] == 0.0
+    scores = {name: manifest.scores(name) for name in manifest.names()}
+    assert scores and all(s is not None for s in scores.values())
+    for s in scores.values():
+        assert set(s) == {"agreement", "foreground", "empty", "full", "threshold"} and s["agreement"] >= s["threshold"]
+    filt = QualityFilter.load(run["run"])
+    for label in ("bright", "dark"):
+        mine = [s for n, s in scores.items() if f"_{label}-" in n]
+        assert 0 < len(mine) <= 4
+        assert sum(s["empty"] for s in mine) <= quota(filt.stats[label].empty_share, 0, 4)
+        assert [s["agreement"] for s in mine] == sorted((s["agreement"] for s in mine), reverse=True)
+    verify(dataset)
+    # the library returns the same numbers
+    from pathar_aug.synthesize import synthesize_into
+
+    result = synthesize_into(run["run"], "511", 4, per_label=True, batch_size=4, oversample=2, min_agreement=0.0,
+                             log=lambda _: None)
+    assert result.filter == "on" and result.new == 0 and result.present == len(scores)
+    for acc in result.labels.values():
+        assert acc.requested == 4 and acc.written == sum(f"_{acc.label}-" in n for n in scores)
+    # the default threshold: whatever is written reaches the label's real-derived threshold
+    res = runner.invoke(app, ["synthesize", "--model", str(run["run"]), "--into", "511", "--n", "3", "--per-label",
+                              "--batch-size", "3", "--seed", "1"])
+    assert res.exit_code == 0, res.output
+    manifest = load_manifest(dataset)
+    for name in manifest.names():
+        if name not in scores:
+            label = "bright" if "_bright-" in name else "dark"
+            assert manifest.scores(name)["threshold"] == pytest.approx(filt.stats[label].threshold, abs=1e-4)
+            assert manifest.scores(name)["agreement"] >= manifest.scores(name)["threshold"]
+    assert "requested pairs written" in " ".join(res.output.split())
+
+
+def test_no_filter_writes_every_pair_unscored(run, raw):
+    from nnunet_integration.manifest import load_manifest
+
+    res = runner.invoke(app, ["synthesize", "--model", str(run["run"]), "--into", "512", "--n", "3", "--per-label",
+                              "--batch-size", "4", "--no-filter"])
+    assert res.exit_code == 0, res.output
+    assert "acceptance" not in res.output and "filter " not in res.output
+    dataset = next(raw.glob("Dataset512_*"))
+    manifest = load_manifest(dataset)
+    assert len(manifest.names()) == 6 and all(manifest.scores(n) is None for n in manifest.names())
+    assert all("filter" not in b["settings"] for b in manifest.batches.values())
+
+
+def test_bad_oversample_is_a_clear_error(run, raw):
+    res = runner.invoke(app, ["synthesize", "--model", str(run["run"]), "--into", "513", "--n", "2",
+                              "--oversample", "50"])
+    assert res.exit_code == 2 and "--oversample" in res.output
+    assert not list(raw.iterdir())
+
+
+def test_a_run_without_filter_gets_it_on_first_use_or_with_resume(run, raw, tmp_path):
+    old = tmp_path / "old_run"
+    shutil.copytree(run["run"], old)
+    shutil.rmtree(old / FILTER_DIR)  # as trained before the filter stage existed
+    res = runner.invoke(app, ["synthesize", "--model", str(old), "--into", "514", "--n", "2", "--per-label",
+                              "--batch-size", "2", "--min-agreement", "0"])
+    assert res.exit_code == 0, res.output
+    assert "trained before the filter stage existed" in " ".join(res.output.split())
+    assert (old / FILTER_DIR / STATS_FILE).is_file()
+    shutil.rmtree(old / FILTER_DIR)
+    res = runner.invoke(app, ["train", "--images", str(run["images"]), "--masks", str(run["masks"]),
+                              "--preset", "tiny", "--out", str(old), "--quiet", "--resume"])
+    assert res.exit_code == 0, res.output
+    assert (old / FILTER_DIR / STATS_FILE).is_file() and (old / FILTER_DIR / "segmenter.pt").is_file()
+    before = (old / FILTER_DIR / "segmenter.pt").read_bytes()
+    res = runner.invoke(app, ["train", "--images", str(run["images"]), "--masks", str(run["masks"]),
+                              "--preset", "tiny", "--out", str(old), "--quiet", "--resume"])
+    assert res.exit_code == 0, res.output
+    assert (old / FILTER_DIR / "segmenter.pt").read_bytes() == before  # a complete stage is skipped
