@@ -39,7 +39,7 @@ def settings_for(args, **overrides):
 
     labels = dsb2018_labels_csv(WORK / "dsb2018_labels.csv")
     kwargs = dict(images=str(DSB_ROOT / "images"), masks=str(DSB_ROOT / "masks"), labels_csv=str(labels),
-                  instances=str(DSB_ROOT / "instances"), real=args.real,
+                  instances=str(DSB_ROOT / "instances"), real=args.real, filtered_row=not args.no_filtered_row,
                   synthetic=tuple(int(s) for s in args.synthetic.split(",")), val=args.val,
                   val_fraction=VAL_FRACTION, split_seed=0,  # the shared generator run's split (common.py)
                   seeds=args.seeds, schedule="cpu", epochs=args.epochs, iterations=args.iterations,
@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--unet-features", type=int, default=UNET_FEATURES)
     parser.add_argument("--unet-max-features", type=int, default=UNET_MAX_FEATURES)
     parser.add_argument("--name", default="dice_scaling", help="report name in benchmarks/results/")
+    parser.add_argument("--no-filtered-row", action="store_true", help="leave out the quality-filtered row")
     parser.add_argument("--sample-batch", type=int, default=64, help="images sampled together by the generator")
     # Plain ancestral sampling (with guidance 1.5): at the paper's truncation (temperature 0.85,
     # top-k 100, top-p 0.92) the short-trained CPU prior collapses to empty masks (see README).

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -235,7 +234,8 @@ def benchmark(
     real: int = typer.Option(30, help="Real training tiles per label in every group with real data."),
     synthetic: str = typer.Option("0,100,200,400", help="Synthetic tiles per label added to the real ones, one group each (0 = real only)."),
     synthetic_only: Optional[int] = typer.Option(None, help="Group of synthetic tiles only, no real ones (default: the smallest positive count; 0 = none)."),
-    extra_rows: str = typer.Option("largest", help="Mask-conditioned and classical-augmentation rows: at the largest count, at all counts, or none."),
+    extra_rows: str = typer.Option("largest", help="Mask-conditioned, classical-augmentation and filtered rows: at the largest count, at all counts, or none."),
+    filtered_row: bool = typer.Option(True, help="A row of generated pairs chosen by the run's quality filter (oversampled, best kept), beside the unfiltered rows."),
     val: int = typer.Option(50, help="Real validation tiles per label (from held-out source images, the same for every group)."),
     val_fraction: Optional[float] = typer.Option(None, help="Share of each label's source images held out for validation (default: the model's split, else 0.2)."),
     split_seed: Optional[int] = typer.Option(None, help="Seed of that split (default: the model's, else 0)."),
@@ -279,7 +279,7 @@ def benchmark(
     settings = BenchmarkSettings(
         images=str(images or DEMO_DATA / "images"), masks=str(masks or DEMO_DATA / "masks"),
         labels_csv=str(labels) if labels else None, real=real, synthetic=counts, synthetic_only=synthetic_only,
-        extra_rows=extra_rows, val=val, val_fraction=val_fraction, split_seed=split_seed, seeds=seeds,
+        extra_rows=extra_rows, filtered_row=filtered_row, val=val, val_fraction=val_fraction, split_seed=split_seed, seeds=seeds,
         schedule=schedule, epochs=epochs, iterations=iterations, batch_size=batch_size, unet_features=unet_features,
         unet_max_features=unet_max_features, curve=curve, instances=str(instances) if instances else None,
         model=str(model) if model else None, preset=preset.value)

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 
 from nnunet_integration.atomic import atomic_write_json, exclusive_dir_lock, publish_no_clobber, write_tmp

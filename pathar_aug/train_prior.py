@@ -2,11 +2,13 @@
 
 Outputs in ``out_dir``: prior.pt (checkpoint, also the resume point), prior_config.json,
 prior_loss.csv (step, structure_nll, appearance_nll, lr) and, with a held-out cache,
-prior_heldout_nll.json (mean per-token NLL of each stream on the held-out tokens).
+prior_heldout_nll.json (mean per-token NLL of each stream on the held-out tokens) and, with
+``eval_every``, the learning curve prior_heldout_curve.csv (held-out NLL against steps and minutes).
 """
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +17,12 @@ import torch
 from .config import from_dict, save_json, to_dict
 from .device import autocast, resolve_device
 from .prior import ARCHITECTURE_FIELDS, InterleavedPrior, PriorConfig
-from .training import LossCSV, load_checkpoint, make_adamw, progress_bar, save_checkpoint
+from .training import LossCSV, label_balanced_weights, load_checkpoint, make_adamw, progress_bar, save_checkpoint
 
 CHECKPOINT_NAME = "prior.pt"
 LOSS_CSV_NAME = "prior_loss.csv"
 HELDOUT_NAME = "prior_heldout_nll.json"
+CURVE_CSV_NAME = "prior_heldout_curve.csv"
 CACHE_KEYS = ("structure", "appearance", "labels", "label_names", "num_structure_codes", "num_appearance_codes")
 
 
@@ -81,6 +84,16 @@ def evaluate_nll(prior: InterleavedPrior, cache: dict[str, Any], device: torch.d
     return {"structure_nll": s, "appearance_nll": a, "total_nll": s + a, "num_samples": count}
 
 
+def _spread_subset(cache: dict[str, Any], n: int) -> dict[str, Any]:
+    """At most n sequences of a token cache, evenly spaced (so every label keeps its share)."""
+    count = len(cache["labels"])
+    if count <= n:
+        return cache
+    idx = torch.linspace(0, count - 1, n).long()
+    return {**cache, "structure": cache["structure"][idx], "appearance": cache["appearance"][idx],
+            "labels": cache["labels"][idx]}
+
+
 def _check_resumable(saved: dict[str, Any], cfg: PriorConfig, vocab: dict[str, Any]) -> None:
     for field in ARCHITECTURE_FIELDS:
         if saved["config"][field] != getattr(cfg, field):
@@ -123,8 +136,12 @@ def train_prior(
                              len(vocab["label_names"])).to(device)
     optimizer = make_adamw(prior, cfg.lr, cfg.betas, cfg.weight_decay)
     batch_rng = torch.Generator().manual_seed(cfg.seed)
+    weights = label_balanced_weights(y) if cfg.balance_labels else torch.ones(len(y))
+    heldout = load_token_cache(heldout_tokens_path) if heldout_tokens_path is not None else None
+    if heldout is not None and tuple(heldout["structure"].shape[1:]) != grid:
+        raise ValueError(f"held-out grid {tuple(heldout['structure'].shape[1:])} != training grid {grid}")
 
-    step = 0
+    step, elapsed = 0, 0.0
     if resume and ckpt_path.exists():
         saved = load_checkpoint(ckpt_path, map_location=device)
         _check_resumable(saved, cfg, vocab)
@@ -133,15 +150,22 @@ def train_prior(
         batch_rng.set_state(saved["batch_rng"].cpu())
         torch.set_rng_state(saved["torch_rng"].cpu())
         step = int(saved["step"])
+        elapsed = float(saved.get("elapsed_s", 0.0))
 
     total = total_steps(cfg, len(y))
     save_json(to_dict(cfg) | {"total_steps": total, **vocab}, out_dir / "prior_config.json")
     log = LossCSV(out_dir / LOSS_CSV_NAME, ["structure_nll", "appearance_nll", "lr"], resume_step=step)
+    curve = LossCSV(out_dir / CURVE_CSV_NAME, ["heldout_structure_nll", "heldout_appearance_nll", "minutes"],
+                    resume_step=step) if heldout is not None and cfg.eval_every else None
+    # the curve's points see the same held-out sequences each time (a fixed, label-spread subset)
+    curve_cache = _spread_subset(heldout, cfg.eval_sequences) if curve is not None else None
+    started = time.monotonic() - elapsed
 
     def checkpoint() -> None:
         save_checkpoint(
             ckpt_path, model=prior.state_dict(), optimizer=optimizer.state_dict(), step=step,
-            config=to_dict(cfg), batch_rng=batch_rng.get_state(), torch_rng=torch.get_rng_state(), **vocab,
+            config=to_dict(cfg), batch_rng=batch_rng.get_state(), torch_rng=torch.get_rng_state(),
+            elapsed_s=time.monotonic() - started, **vocab,
         )
 
     prior.train()
@@ -153,7 +177,7 @@ def train_prior(
             lr = learning_rate(step, cfg, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            idx = torch.randint(len(y), (cfg.batch_size,), generator=batch_rng)
+            idx = torch.multinomial(weights, cfg.batch_size, replacement=True, generator=batch_rng)
             with autocast(device):
                 s_nll, a_nll = prior.loss(S[idx].to(device), A[idx].to(device), y[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
@@ -171,15 +195,17 @@ def train_prior(
                 bar.update(task, info=f"s {s_avg:.3f}  a {a_avg:.3f}  lr {lr:.2e}")
                 running.zero_()
                 running_steps = 0
+            if curve is not None and (step % cfg.eval_every == 0 or step == total):
+                point = evaluate_nll(prior, curve_cache, device, cfg.eval_batch_size)
+                curve.log(step, {"heldout_structure_nll": point["structure_nll"],
+                                 "heldout_appearance_nll": point["appearance_nll"],
+                                 "minutes": (time.monotonic() - started) / 60})
             if step % cfg.ckpt_every == 0 and step < total:
                 checkpoint()
             bar.update(task, completed=step)
     checkpoint()
 
-    if heldout_tokens_path is not None:
-        heldout = load_token_cache(heldout_tokens_path)
-        if tuple(heldout["structure"].shape[1:]) != grid:
-            raise ValueError(f"held-out grid {tuple(heldout['structure'].shape[1:])} != training grid {grid}")
+    if heldout is not None:
         result = evaluate_nll(prior, heldout, device, cfg.eval_batch_size)
         save_json(result | {"step": step, "tokens": str(heldout_tokens_path)}, out_dir / HELDOUT_NAME)
     return ckpt_path

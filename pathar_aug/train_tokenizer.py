@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -12,7 +13,9 @@ from pathar_aug.patches import PatchSet, dihedral, random_dihedral
 from pathar_aug.preview import save_grid, to_rgb_tiles
 from pathar_aug.quantizer import codebook_usage
 from pathar_aug.tokenizer import DualVQTokenizer, TokenizerConfig
-from pathar_aug.training import LossCSV, load_checkpoint, make_adamw, progress_bar, save_checkpoint
+from pathar_aug.training import (
+    LossCSV, label_balanced_weights, load_checkpoint, make_adamw, progress_bar, save_checkpoint,
+)
 
 CHECKPOINT = "tokenizer.pt"
 LOSS_TERMS = ("loss", "rec", "vq_structure", "vq_appearance", "seg")
@@ -40,12 +43,6 @@ def save_preview(model: DualVQTokenizer, patches: PatchSet, path: Path, device: 
     return save_grid([list(row) for row in zip(*cols)], path)
 
 
-def label_balanced_weights(labels: torch.Tensor) -> torch.Tensor:
-    """Sampling weights that show every label equally often, however many patches each has."""
-    counts = torch.bincount(labels).float()
-    return 1.0 / counts[labels]
-
-
 def train_tokenizer(
     patches: PatchSet,
     out_dir: str | Path,
@@ -64,7 +61,7 @@ def train_tokenizer(
     torch.manual_seed(seed)
     model = DualVQTokenizer(cfg).to(device)
     opt = make_adamw(model, cfg.lr, cfg.betas, cfg.weight_decay)
-    step = 0
+    step, elapsed = 0, 0.0
     if ckpt_path.exists():
         if not resume:
             raise FileExistsError(f"{ckpt_path} exists; resume it or choose another output folder")
@@ -72,11 +69,14 @@ def train_tokenizer(
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
-    log = LossCSV(out_dir / "tokenizer_loss.csv", [*LOSS_TERMS, "usage_structure", "usage_appearance", "lr"], step)
+        elapsed = float(state.get("elapsed_s", 0.0))
+    log = LossCSV(out_dir / "tokenizer_loss.csv",
+                  [*LOSS_TERMS, "usage_structure", "usage_appearance", "lr", "minutes"], step)
+    started = time.monotonic() - elapsed  # training time across resumed invocations
 
     def checkpoint() -> None:
         save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(), step=step,
-                        config=to_dict(cfg), label_names=patches.label_names)
+                        config=to_dict(cfg), label_names=patches.label_names, elapsed_s=time.monotonic() - started)
 
     gen = torch.Generator().manual_seed(seed + step)
     weights = label_balanced_weights(patches.labels)
@@ -104,7 +104,8 @@ def train_tokenizer(
                 usage_a = codebook_usage(torch.cat(window_a), cfg.appearance_codes)
                 window_s, window_a = [], []
                 values = {k: out[k].item() for k in LOSS_TERMS}
-                log.log(step, {**values, "usage_structure": usage_s, "usage_appearance": usage_a, "lr": lr})
+                log.log(step, {**values, "usage_structure": usage_s, "usage_appearance": usage_a, "lr": lr,
+                               "minutes": (time.monotonic() - started) / 60})
                 bar.update(task, info=f"loss {values['loss']:.3f} rec {values['rec']:.3f} seg {values['seg']:.3f} "
                                       f"usage S {usage_s:.0%} A {usage_a:.0%}")
             if step % cfg.preview_every == 0 or step == cfg.steps:

@@ -67,6 +67,12 @@ class LossCSV:
             )
 
 
+def label_balanced_weights(labels: torch.Tensor) -> torch.Tensor:
+    """Sampling weights that show every label equally often, however many patches each has."""
+    counts = torch.bincount(labels).float()
+    return 1.0 / counts[labels]
+
+
 def progress_bar(disable: bool = False) -> Progress:
     """The one progress display every long stage uses."""
     return Progress(

@@ -255,3 +255,24 @@ def test_classical_augmentation():
 
     for k in range(8):
         assert (dihedral(torch.from_numpy(mask), k).numpy() == dihedral_np(mask, k)).all()
+
+
+def test_filtered_row_keeps_the_pairs_the_quality_filter_ranks_best(study, tmp_path):
+    from nnunet_integration.manifest import load_manifest
+    from pathar_aug.quality_filter import QualityFilter
+    from pathar_aug.study import KIND_FILTERED
+
+    settings = BenchmarkSettings(images=str(study.images), masks=str(study.masks), real=4, synthetic=(0, 3),
+                                 synthetic_only=0, extra_rows="largest", filtered_row=True, filter_oversample=3,
+                                 val=4, model=str(study.out / "generator"), epochs=1, iterations=2, seeds=1)
+    assert [(g.numeral, g.kind) for g in settings.groups][-1] == ("V", KIND_FILTERED)
+    prepared = prepare(settings, tmp_path / "bench", torch.device("cpu"), log=lambda *_: None, show_progress=False)
+    filtered = [c for c in load_manifest(prepared.dataset).cases if c.startswith("pathar_fil-s0_")]
+    assert len(filtered) == 3 * len(LABELS)  # every label keeps its count, topped up when too few pass
+    state = json.loads((prepared.out / "state.json").read_text())
+    acceptance = state["stages"]["filter_acceptance"]
+    assert set(acceptance) == set(LABELS)
+    for counts in acceptance.values():
+        assert counts["candidates"] == 3 * 3 and counts["kept"] <= 3 and counts["passed"] >= counts["kept"]
+    # the filter the row used is the run's own
+    assert QualityFilter.load(study.out / "generator").thresholds().keys() == set(LABELS)

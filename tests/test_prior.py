@@ -296,3 +296,40 @@ def test_load_token_cache_validates(tmp_path):
     torch.save(data, tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="labels"):
         load_token_cache(tmp_path / "missing.pt")
+
+
+def test_heldout_curve_against_steps_and_minutes_and_balanced_batches(tmp_path, monkeypatch):
+    tokens, heldout = tmp_path / "tokens.pt", tmp_path / "heldout.pt"
+    write_cache(tokens, m=40)
+    write_cache(heldout, m=8, seed=0)
+    out = tmp_path / "run"
+    cfg = tiny_cfg(steps=20, eval_every=10, eval_sequences=4)
+    train_prior(tokens, out, cfg, "cpu", heldout_tokens_path=heldout, progress=False)
+    curve = read_csv(out / "prior_heldout_curve.csv")
+    assert [int(r["step"]) for r in curve] == [10, 20]
+    assert all(float(r["heldout_structure_nll"]) > 0 and float(r["minutes"]) >= 0 for r in curve)
+    assert float(curve[1]["minutes"]) >= float(curve[0]["minutes"])
+    # resumed: the curve goes on from the checkpoint, the minutes keep counting
+    train_prior(tokens, out, tiny_cfg(steps=30, eval_every=10, eval_sequences=4), "cpu", resume=True,
+                heldout_tokens_path=heldout, progress=False)
+    curve = read_csv(out / "prior_heldout_curve.csv")
+    assert [int(r["step"]) for r in curve] == [10, 20, 30]
+    assert float(curve[2]["minutes"]) >= float(curve[1]["minutes"])
+
+    # label-balanced batches: a label with 1 of 40 sequences is drawn about a third of the time
+    labels = torch.zeros(40, dtype=torch.long)
+    labels[0] = 1
+    drawn = []
+    real_multinomial = torch.multinomial
+
+    def spy(weights, n, replacement=False, generator=None):
+        idx = real_multinomial(weights, n, replacement=replacement, generator=generator)
+        drawn.append(idx)
+        return idx
+
+    data = torch.load(tokens, weights_only=False)
+    torch.save({**data, "labels": labels}, tokens)
+    monkeypatch.setattr(torch, "multinomial", spy)
+    train_prior(tokens, tmp_path / "balanced", tiny_cfg(steps=50, batch_size=8), "cpu", progress=False)
+    share = float((labels[torch.cat(drawn)] == 1).float().mean())
+    assert 0.3 < share < 0.7  # uniform sampling would give 1/40

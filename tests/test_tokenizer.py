@@ -131,3 +131,34 @@ def test_training_learns_resumes_and_writes_its_files(tmp_path):
     cache = torch.load(build_token_cache(model, patches, tmp_path / "tokens.pt", device), weights_only=False)
     assert cache["structure"].shape == (8 * len(patches), *cfg.grid)
     assert cache["label_names"] == ["nuclei"] and cache["num_appearance_codes"] == cfg.appearance_codes
+
+
+def test_appearance_shuffle_moves_codes_not_values():
+    from pathar_aug.tokenizer import shuffle_positions
+
+    codes = torch.randn(6, 4, 3, 5)
+    assert torch.equal(shuffle_positions(codes, 0.0), codes)
+    torch.manual_seed(0)
+    shuffled = shuffle_positions(codes, 1.0)
+    for b in range(6):
+        before, after = codes[b].flatten(1).T, shuffled[b].flatten(1).T  # positions x channels
+        # the same code vectors, each moved as a whole, to other places
+        assert sorted(map(tuple, before.tolist())) == sorted(map(tuple, after.tolist()))
+    assert not torch.equal(shuffled, codes)
+
+
+def test_shuffled_appearance_only_in_training():
+    cfg = from_preset(TOKENIZER_PRESETS, "tiny", appearance_shuffle=1.0)
+    model = DualVQTokenizer(cfg).eval()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    masks = (torch.rand(2, 1, 32, 32) > 0.5).to(torch.uint8)
+    with torch.no_grad():
+        s, a = model.encode(images, masks)
+        first, second = model.decode_image(s, a), model.decode_image(s, a)
+        assert torch.equal(first, second)  # decoding is deterministic: no shuffle outside training
+        assert torch.equal(model(images, masks)["image"], model(images, masks)["image"])
+        model.train()
+        torch.manual_seed(1)
+        assert not torch.equal(model(images, masks)["image"], model(images, masks)["image"])
+    with pytest.raises(ValueError, match="appearance_shuffle"):
+        from_preset(TOKENIZER_PRESETS, "tiny", appearance_shuffle=1.5)

@@ -431,7 +431,7 @@ def evaluate_run(
     log: Log = print,
 ) -> EvaluateResult:
     """Everything `pathar-aug evaluate` does; input errors raise before any long computation."""
-    from ..pipeline import RUN_FILE, RunError, load_generator
+    from ..pipeline import RUN_FILE, load_generator
 
     if model is None and synthetic is None:
         raise ValueError("give --model RUN (to sample from it) and/or --synthetic DIR (pairs already written)")

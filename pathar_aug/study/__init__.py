@@ -49,6 +49,7 @@ from pathar_aug.study.settings import (
     AVERAGE,
     DEMO_DATA,
     KIND_CLASSICAL,
+    KIND_FILTERED,
     KIND_GENERATED,
     KIND_REAL,
     KIND_RENDERED,
@@ -58,6 +59,6 @@ from pathar_aug.study.settings import (
     plan_groups,
 )
 
-__all__ = ["AVERAGE", "DEMO_DATA", "KIND_CLASSICAL", "KIND_GENERATED", "KIND_REAL", "KIND_RENDERED", "METRICS",
+__all__ = ["AVERAGE", "DEMO_DATA", "KIND_CLASSICAL", "KIND_FILTERED", "KIND_GENERATED", "KIND_REAL", "KIND_RENDERED", "METRICS",
            "BenchmarkSettings", "Group", "Plan", "Prepared", "make_plan", "markdown_table", "pick_tiles", "plan_groups",
            "prepare", "preprocess", "run_benchmark", "summarize", "train_and_evaluate", "write_report"]

@@ -39,7 +39,8 @@ from pathar_aug.study.settings import (
     CPU_MAX_BATCH,
     DATASET_NAME,
     DEFAULT_VAL_FRACTION,
-    KIND_CLASSICAL,
+    EXTRA_KINDS,
+    KIND_FILTERED,
     KIND_GENERATED,
     KIND_RENDERED,
     KIND_TEXT,
@@ -245,7 +246,7 @@ def prepare(settings: BenchmarkSettings, out: str | Path, device: torch.device, 
         raise ValueError(f"label '{no_val[0]}' has no held-out source image (too few images, or --val-fraction "
                          "too small): every label needs a real validation image")
     groups = settings.groups
-    needs_generator = any(g.kind in (KIND_GENERATED, KIND_RENDERED) for g in groups)
+    needs_generator = any(g.kind in (KIND_GENERATED, KIND_RENDERED, KIND_FILTERED) for g in groups)
     generator = None
     if settings.model:
         generator = load_generator(settings.model, device) if needs_generator else None
@@ -311,17 +312,22 @@ def prepare(settings: BenchmarkSettings, out: str | Path, device: torch.device, 
                     top_p=settings.top_p)
     batch_settings = {"model": str(model_dir) if model_dir else None, **sampling, "patch": patch}
     with progress_display(not show_progress) as progress:
-        for kind in (KIND_GENERATED, KIND_RENDERED, KIND_CLASSICAL):
+        for kind in (KIND_GENERATED, *EXTRA_KINDS):
             if kind not in plan.synthetic:
                 continue
             t = time.time()
             written = 0
+            acceptance: dict[str, list[int]] = {}
             for k in range(settings.seeds):
                 written += _write_synthetic(dataset, kind, k, batch_settings, plan.synthetic[kind][k],
-                                            _chunk_maker(kind, k, settings, generator, tiles, index, sampling, device),
+                                            _chunk_maker(kind, k, settings, generator, tiles, index, sampling, device,
+                                                         acceptance),
                                             settings.sample_batch, progress)
             if written:
                 state.data["stages"][f"{kind}_s"] = round(time.time() - t, 1)
+                if acceptance:
+                    state.data["stages"]["filter_acceptance"] = {
+                        label: dict(zip(("candidates", "passed", "kept"), counts)) for label, counts in acceptance.items()}
                 state.save()
                 log(f"  {kind}: {written} new cases ({time.time() - t:.0f} s)")
     state.data["stages"]["dataset_written"] = True
@@ -330,8 +336,9 @@ def prepare(settings: BenchmarkSettings, out: str | Path, device: torch.device, 
 
 
 def _chunk_maker(kind: str, seed: int, settings: BenchmarkSettings, generator: Generator | None, tiles: Tiles,
-                 index: dict, sampling: dict, device: torch.device):
-    """The function making one chunk of synthetic tiles of ``kind`` for ``_write_synthetic``."""
+                 index: dict, sampling: dict, device: torch.device, acceptance: dict[str, list[int]]):
+    """The function making one chunk of synthetic tiles of ``kind`` for ``_write_synthetic``;
+    the filtered kind adds its (candidates, passed, kept) per label to ``acceptance``."""
     pool = tiles.pool
 
     def config(label: str, start: int) -> SamplingConfig:
@@ -340,6 +347,30 @@ def _chunk_maker(kind: str, seed: int, settings: BenchmarkSettings, generator: G
     if kind == KIND_GENERATED:
         def make(label, li, start, stop):
             return generator.generate([generator.label_index(label)] * (stop - start), config(label, start), device)
+        return make
+
+    if kind == KIND_FILTERED:
+        from pathar_aug.pipeline import train_filter_stage
+        from pathar_aug.quality_filter import QualityFilter, filter_complete
+
+        if not filter_complete(generator.run_dir):
+            train_filter_stage(generator.run_dir, device)
+        quality = QualityFilter.load(generator.run_dir, device)
+
+        def make(label, li, start, stop):
+            # oversample, keep the pairs the filter ranks best; a label whose candidates pass too
+            # rarely is topped up with the best of the rest, so every group keeps its size
+            n = stop - start
+            images, masks = generator.generate([generator.label_index(label)] * (n * settings.filter_oversample),
+                                               config(label, start), device)
+            selection = quality.select(images, masks, label, keep=n)
+            kept = list(selection.kept)
+            rest = sorted((i for i in range(len(selection.scores)) if i not in set(kept)),
+                          key=lambda i: -selection.scores[i].agreement)
+            pick = torch.tensor(kept + rest[:n - len(kept)])
+            acceptance[label] = [a + b for a, b in zip(acceptance.get(label, [0, 0, 0]),
+                                                       (selection.candidates, selection.passed, len(kept)))]
+            return images[pick], masks[pick]
         return make
 
     if kind == KIND_RENDERED:

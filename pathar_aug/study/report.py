@@ -19,6 +19,7 @@ from pathar_aug.study.prepare import Prepared, State
 from pathar_aug.study.settings import (
     AVERAGE,
     KIND_CLASSICAL,
+    KIND_FILTERED,
     KIND_GENERATED,
     KIND_REAL,
     KIND_RENDERED,
@@ -143,6 +144,10 @@ def markdown_table(settings: BenchmarkSettings, plan: Plan, rows: list[dict], me
     if KIND_RENDERED in kinds:
         lines.append("Mask-conditioned: masks of the real training pool (not only the real tiles of the group) "
                      "re-rendered by the generator (structure tokens from the mask, appearance sampled).")
+    if KIND_FILTERED in kinds:
+        lines.append(f"Filtered synthetic: {settings.filter_oversample} generated pairs drawn per kept one, the pairs "
+                     "the run's quality filter ranks best kept (image-mask agreement of its own segmenter, empty "
+                     "and full masks at the real rate); " + meta.get("filter_text", "") + ".")
     if KIND_CLASSICAL in kinds:
         lines.append(f"Classical aug.: {settings.classical.describe()}.")
     lines += ["nnU-Net's own on-line augmentation (rotation, scaling, mirroring, noise, blur, brightness, contrast, "
@@ -162,7 +167,7 @@ def plot(settings: BenchmarkSettings, plan: Plan, rows: list[dict], path: Path) 
     from matplotlib.lines import Line2D
 
     kinds = ((KIND_GENERATED, "x", "synthetic only"), (KIND_RENDERED, "^", "real + mask-conditioned"),
-             (KIND_CLASSICAL, "s", "real + classical aug."))
+             (KIND_CLASSICAL, "s", "real + classical aug."), (KIND_FILTERED, "D", "real + filtered synthetic"))
 
     def err(r):
         return r["dice_sd"] if r["dice_sd"] != "" else 0.0
@@ -243,6 +248,10 @@ def write_report(prepared: Prepared, identifier: str, results: dict[str, dict], 
         "generator_text": (f"{model}" + (f" ({run_data['settings']['preset']} preset, trained on "
                                           f"{run_data['data']['train_images']} pool images, "
                                           f"{run_data['data']['heldout_images']} held out)" if run_data else "")),
+        "filter_text": "per label, candidates that passed the filter's threshold and passing pairs kept (the "
+                       "rest of each row topped up with the best-ranked others): " + ", ".join(
+            f"{label} {a['passed']}/{a['candidates']}, {a['kept']} kept"
+            for label, a in state.data["stages"].get("filter_acceptance", {}).items()),
         "instances_text": (f"from {settings.instances}" if settings.instances
                            else "the masks' own instance ids, or their connected components where a mask is binary"),
     }

@@ -17,9 +17,12 @@ DATASET_NAME = "PatharBenchmark"
 REAL_PREFIX = "r-"  # real tile cases: r-<label>-<source>-t<k>
 
 KIND_REAL, KIND_GENERATED, KIND_RENDERED, KIND_CLASSICAL = "real", "generated", "rendered", "classical"
-KIND_TEXT = {KIND_GENERATED: "synthetic", KIND_RENDERED: "mask-conditioned", KIND_CLASSICAL: "classical aug."}
-BATCH_TAG = {KIND_GENERATED: "gen", KIND_RENDERED: "ren", KIND_CLASSICAL: "cls"}
-KEY_LETTER = {KIND_GENERATED: "g", KIND_RENDERED: "m", KIND_CLASSICAL: "c"}
+KIND_FILTERED = "filtered"  # generated, oversampled, the pairs the run's quality filter ranks best kept
+KIND_TEXT = {KIND_GENERATED: "synthetic", KIND_RENDERED: "mask-conditioned", KIND_CLASSICAL: "classical aug.",
+             KIND_FILTERED: "filtered synthetic"}
+BATCH_TAG = {KIND_GENERATED: "gen", KIND_RENDERED: "ren", KIND_CLASSICAL: "cls", KIND_FILTERED: "fil"}
+KEY_LETTER = {KIND_GENERATED: "g", KIND_RENDERED: "m", KIND_CLASSICAL: "c", KIND_FILTERED: "f"}
+EXTRA_KINDS = (KIND_RENDERED, KIND_CLASSICAL, KIND_FILTERED)  # the rows beside real + synthetic, table order
 EXTRA_ROWS = ("largest", "all", "none")
 METRICS = ("dice", "aji", "pq")  # per validation tile: semantic Dice, aggregated Jaccard, panoptic quality
 AVERAGE = "average"  # the summary row over all labels
@@ -97,11 +100,12 @@ class Group:
 
 
 def plan_groups(real: int, synthetic: Sequence[int], synthetic_only: int | None = None,
-                extra_rows: str = "largest") -> list[Group]:
+                extra_rows: str = "largest", filtered: bool = False) -> list[Group]:
     """The groups, in table order: real only (if 0 is among ``synthetic``), synthetic only
     (``synthetic_only`` generated tiles and no real ones; default the smallest positive count,
-    0 = no such row), real + each positive count, then the mask-conditioned and classical rows at
-    the largest count (``extra_rows='largest'``), at every positive count (``'all'``) or none."""
+    0 = no such row), real + each positive count, then the mask-conditioned, classical and (with
+    ``filtered``) quality-filtered rows at the largest count (``extra_rows='largest'``), at every
+    positive count (``'all'``) or none."""
     if real < 1:
         raise ValueError(f"--real must be at least 1 real tile per label, got {real}")
     counts = sorted(set(int(s) for s in synthetic))
@@ -121,8 +125,9 @@ def plan_groups(real: int, synthetic: Sequence[int], synthetic_only: int | None 
         rows.append((0, synthetic_only, KIND_GENERATED))
     rows += [(real, s, KIND_GENERATED) for s in positive]
     extra_at = {"largest": positive[-1:], "all": positive, "none": []}[extra_rows]
-    for kind in (KIND_RENDERED, KIND_CLASSICAL):
-        rows += [(real, s, kind) for s in extra_at]
+    for kind in EXTRA_KINDS:
+        if kind != KIND_FILTERED or filtered:
+            rows += [(real, s, kind) for s in extra_at]
     if len(rows) > len(ROMAN):
         raise ValueError(f"{len(rows)} groups are too many for one table (at most {len(ROMAN)})")
     return [Group(ROMAN[i], r, e, k) for i, (r, e, k) in enumerate(rows)]
@@ -140,6 +145,8 @@ class BenchmarkSettings:
     synthetic: tuple[int, ...] = (0, 100, 200, 400)
     synthetic_only: int | None = None
     extra_rows: str = "largest"
+    filtered_row: bool = False  # a row of generated pairs chosen by the run's quality filter
+    filter_oversample: int = 4  # candidates drawn per kept pair in that row
     val: int = 50  # validation tiles per label
     val_fraction: float | None = None  # of each label's source images; default: the model's, else 0.2
     split_seed: int | None = None  # default: the model's split seed, else 0
@@ -171,7 +178,8 @@ class BenchmarkSettings:
         self.synthetic = tuple(sorted(set(int(s) for s in self.synthetic)))
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        for name in ("val", "seeds", "sample_batch", "unet_features", "unet_max_features", "bootstrap"):
+        for name in ("val", "seeds", "sample_batch", "unet_features", "unet_max_features", "bootstrap",
+                     "filter_oversample"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("epochs", "iterations", "batch_size"):
@@ -179,11 +187,11 @@ class BenchmarkSettings:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if not 1 <= self.dataset_id <= 999:
             raise ValueError(f"dataset id must be 1-999, got {self.dataset_id}")
-        plan_groups(self.real, self.synthetic, self.synthetic_only, self.extra_rows)  # validates
+        plan_groups(self.real, self.synthetic, self.synthetic_only, self.extra_rows, self.filtered_row)  # validates
 
     @property
     def groups(self) -> list[Group]:
-        return plan_groups(self.real, self.synthetic, self.synthetic_only, self.extra_rows)
+        return plan_groups(self.real, self.synthetic, self.synthetic_only, self.extra_rows, self.filtered_row)
 
     def nnunet_schedule(self):
         return (cpu_schedule if self.schedule == "cpu" else full_schedule)(self.epochs, self.iterations)
