@@ -10,6 +10,7 @@ from typing import Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(stderr=True)
 
@@ -63,7 +64,8 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except fixable as exc:
-            console.print(f"[bold red]error:[/bold red] {exc}")
+            # escaped: file names and CSV rows may hold [brackets]; soft_wrap keeps it one line
+            console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(2)
 
     return wrapper
@@ -86,20 +88,17 @@ def _device(name: str):
     return device
 
 
-def _typed_options(names: tuple[str, ...]) -> dict:
+def _typed_options(ctx: typer.Context, names: tuple[str, ...]) -> dict:
     """The options among ``names`` that were given on the command line (not left at their default)."""
-    import click
-    from click.core import ParameterSource
-
-    ctx = click.get_current_context()
-    return {n: ctx.params[n] for n in names
-            if ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
+    sources = {n: ctx.get_parameter_source(n) for n in names}
+    return {n: ctx.params[n] for n, src in sources.items() if src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP")}
 
 
 # --------------------------------------------------------------------------------------- train
 @app.command()
 @user_errors
 def train(
+    ctx: typer.Context,
     images: Optional[Path] = typer.Option(None, help="Folder of images (PNG/TIFF/JPEG; subfolders = labels). Not needed with --resume."),
     masks: Optional[Path] = typer.Option(None, help="Folder of masks with the same file stems (binary or instance ids). Not needed with --resume."),
     labels: Optional[Path] = typer.Option(None, help="CSV 'name,label' giving each image's condition label."),
@@ -130,7 +129,7 @@ def train(
         settings = make_settings(images, masks, labels, preset.value,
                                  {"steps": tokenizer_steps, "batch_size": batch_size},
                                  {"steps": prior_steps, "batch_size": batch_size}, val_fraction, seed)
-    given = _typed_options(("images", "masks", "labels", "preset", "tokenizer_steps", "prior_steps", "batch_size",
+    given = _typed_options(ctx, ("images", "masks", "labels", "preset", "tokenizer_steps", "prior_steps", "batch_size",
                             "val_fraction", "seed")) if resume else None
     train_run(out, settings, _device(device), resume=resume, show_progress=not quiet, log=console.print, given=given)
     console.print(f"\n[bold green]done[/bold green]: model in {out}  (preview: {out / 'samples_preview.png'})")
