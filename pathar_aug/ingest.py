@@ -294,10 +294,16 @@ def _csv_text(path: Path) -> str:
                           "save it as UTF-8 (Excel: 'CSV UTF-8')") from None
 
 
-def _delimiter(text: str) -> str:
-    # Excel writes ';' where ',' is the decimal mark, and tabs in "Unicode text"
-    first = next((line for line in text.splitlines() if line.strip()), "")
-    return next((d for d in (",", ";", "\t") if d in first), ",")
+def _delimiter(text: str, names: set[str]) -> str:
+    """',' unless ';' or tab splits more rows into a known name and a label: Excel writes ';' where
+    ',' is the decimal mark, and tabs in "Unicode text"; a name may itself hold a ',' or ';'."""
+    def known_rows(delimiter: str) -> int:
+        try:
+            rows = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+            return sum(len(r) >= 2 and _csv_name(r[0].strip(), names) is not None for r in rows)
+        except csv.Error:
+            return -1
+    return max((",", ";", "\t"), key=known_rows)  # max keeps the first of equals: ','
 
 
 def _csv_name(cell: str, names: set[str]) -> str | None:
@@ -316,7 +322,7 @@ def read_label_csv(path: str | Path, names: set[str]) -> dict[str, str]:
     if not path.is_file():
         raise IngestError(f"{path}: label CSV " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
     text = _csv_text(path)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=_delimiter(text))
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=_delimiter(text, names))
     labels: dict[str, str] = {}
     first_line: dict[str, int] = {}
     header_seen = False

@@ -22,7 +22,7 @@ from pathar_aug.ingest import IngestError, Sample, load_pairs
 from pathar_aug.pipeline import Generator, load_generator, masks_as_patches
 from pathar_aug.sampler import SamplingConfig
 from pathar_aug.training import progress_bar
-from pathar_aug.validate import check_int, check_sampling
+from pathar_aug.validate import check_sampling
 
 Log = Callable[[str], None]
 
@@ -75,7 +75,7 @@ def synthesize_into(
     Pairs are made in chunks of ``batch_size``, chunk c seeded by (seed, c), so a rerun of the same
     command regenerates exactly the chunks whose cases are not committed yet, and completes the set.
     """
-    check_int("--n", n)  # every option is checked before the model is loaded or anything written
+    # every option is checked before anything is written (--n by plan_labels, below)
     check_sampling(guidance, temperature, top_k, top_p, batch_size, seed)
     generator = load_generator(model, device)
     labels = plan_labels(generator, n, label, per_label)
