@@ -235,15 +235,18 @@ def _walk(folder: Path, skip: Path | None) -> Iterator[Path]:
                 yield Path(dirpath) / name
 
 
+def find_files(folder: str | Path, suffixes: tuple[str, ...], skip: Path | None = None) -> list[Path]:
+    """Data files below ``folder`` with one of ``suffixes``, sorted; hidden and tool folders left out."""
+    return sorted(p for p in _walk(Path(folder), skip) if p.suffix.lower() in suffixes and p.is_file())
+
+
 def _index_folder(folder: Path, suffixes: tuple[str, ...], kind: str, skip: Path | None = None) -> dict[str, Path]:
     if not folder.exists():
         raise IngestError(f"{folder}: {kind} folder does not exist")
     if not folder.is_dir():
         raise IngestError(f"{folder}: is a file, not a folder of {kind}s")
     found: dict[str, Path] = {}
-    for path in sorted(_walk(folder, skip)):
-        if path.suffix.lower() not in suffixes or not path.is_file():
-            continue
+    for path in find_files(folder, suffixes, skip):
         if path.stem in found:
             raise IngestError(f"{path}: {kind} name '{path.stem}' also used by {found[path.stem]}; stems must be unique")
         found[path.stem] = path

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from pathar_aug.config import from_dict, from_preset, save_json, to_dict
-from pathar_aug.ingest import MASK_SUFFIXES, IngestError, load_pairs, read_mask
+from pathar_aug.ingest import MASK_SUFFIXES, IngestError, find_files, load_pairs, read_mask
 from pathar_aug.patches import PatchSet, make_patches, split_by_image, tile_starts
 from pathar_aug.preview import save_grid, to_rgb_tiles
 from pathar_aug.prior import PRIOR_PRESETS, InterleavedPrior, PriorConfig
@@ -302,7 +302,7 @@ def save_sample_preview(generator: Generator, path: Path, device: torch.device, 
 
 def masks_as_patches(masks_dir: Path, patch: int) -> tuple[torch.Tensor, list[str]]:
     """Read every mask of a folder and tile it to patch size for mask-conditioned rendering."""
-    files = sorted(p for p in Path(masks_dir).rglob("*") if p.is_file() and p.suffix.lower() in MASK_SUFFIXES)
+    files = find_files(masks_dir, MASK_SUFFIXES)
     if not files:
         raise IngestError(f"{masks_dir}: no mask files found (looked for {', '.join(MASK_SUFFIXES)})")
     tiles, names = [], []

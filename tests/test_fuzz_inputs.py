@@ -257,7 +257,7 @@ def build(spec: FolderSpec, root: Path) -> dict:
         names = [target["mask_path"]]
     elif fault == "missing_mask":
         target["mask_path"].unlink()
-        names = [target["image_path"]]
+        names = [target["image_path"]] + ([masks] if len(spec.pairs) == 1 else [])  # the only mask: empty folder
     elif fault == "orphan_mask":
         names = [masks / "zz orphan.png"]
         Image.fromarray(np.zeros((3, 3), np.uint8)).save(names[0])
