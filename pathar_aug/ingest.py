@@ -76,9 +76,13 @@ def _read_tiff(path: Path, mask: bool) -> np.ndarray:
         arr, axes = _native(series.asarray()), series.axes
         page = series.keyframe
         photometric, colormap = page.photometric, page.colormap
-    # length-1 axes carry nothing: (1, H, W) and (H, W, 1) are one plane
-    keep = [i for i, a in enumerate(axes) if a in "YX" or arr.shape[i] > 1]
-    arr, axes = arr.reshape([arr.shape[i] for i in keep]), "".join(axes[i] for i in keep)
+    if arr.size == page.size:
+        # one page's worth of data, e.g. a (1, H, W) array: the page itself says which axis is which
+        # (the axes guessed for a shaped series with length-1 dimensions can be wrong)
+        arr, axes = arr.reshape(page.shape), page.axes
+    else:  # length-1 axes carry nothing; what is left must be one plane
+        keep = [i for i, a in enumerate(axes) if a in "YX" or arr.shape[i] > 1]
+        arr, axes = arr.reshape([arr.shape[i] for i in keep]), "".join(axes[i] for i in keep)
     if axes == "SYX":  # planar RGB
         arr, axes = np.moveaxis(arr, 0, -1), "YXS"
     if axes == "YX":

@@ -171,8 +171,8 @@ def write_image(spec: PairSpec, path: Path) -> tuple[np.ndarray | None, str]:
         tifffile.imwrite(path, rgba, photometric="rgb", extrasamples=["unassalpha"])
     elif mode == "planar_rgb":
         tifffile.imwrite(path, np.moveaxis(rgb, -1, 0), photometric="rgb", planarconfig="separate")
-    elif mode == "leading_axis":
-        tifffile.imwrite(path, gray[None], photometric="minisblack")
+    elif mode == "leading_axis":  # (1, H, 1) is ambiguous in TIFF itself: the writer stores a 1 x H page
+        tifffile.imwrite(path, gray[None] if gray.shape[1] > 1 else gray, photometric="minisblack")
     elif mode == "cmyk":  # no black ink: the RGB is exactly 255 - CMY
         tifffile.imwrite(path, np.concatenate([255 - rgb, np.zeros_like(gray)[..., None]], -1), photometric="separated")
     return (np.repeat(gray[..., None], 3, -1) if mode in ("gray", "leading_axis") else rgb), "exact"
@@ -196,7 +196,8 @@ def write_mask(spec: PairSpec, path: Path, shape: tuple[int, int] | None = None)
     elif kind == "instance16":
         arr = (fg * (1 + (np.mgrid[:h, :w][1] // 3) % 4)).astype(np.uint16)
     elif kind == "leading_axis":
-        tifffile.imwrite(path, (fg.astype(np.uint8) * 255)[None], photometric="minisblack")
+        arr = fg.astype(np.uint8) * 255
+        tifffile.imwrite(path, arr[None] if w > 1 else arr, photometric="minisblack")
         return fg
     elif kind == "float01":
         arr = fg.astype(np.float32)
