@@ -15,6 +15,10 @@ from typing import Any, Iterator
 TMP_SUFFIX = ".tmp"  # never ends in an image ending, so nnU-Net's folder scan ignores it
 
 
+class DatasetBusyError(RuntimeError):
+    """Another process holds the folder's write lock; waiting for it is the fix, not a bug."""
+
+
 def tmp_path_for(path: Path) -> Path:
     """The temporary sibling ``path`` is staged under (fixed name: a rerun overwrites a stale one)."""
     return path.with_name(path.name + TMP_SUFFIX)
@@ -104,7 +108,7 @@ def exclusive_dir_lock(directory: Path, what: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(
+            raise DatasetBusyError(
                 f"another process is already {what} {directory}; wait for it to finish"
             ) from None
         yield

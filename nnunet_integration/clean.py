@@ -26,6 +26,16 @@ class CleanReport:
     splits: str = "untouched"  # restored | updated | untouched | not found
     splits_file: str | None = None
 
+    def summary(self) -> str:
+        """One line for people: what was removed and what was restored."""
+        if not self.removed_cases and not self.dataset_json_restored:
+            return "no synthetic cases to remove (no manifest); nothing changed"
+        text = (f"removed {len(self.removed_cases)} synthetic case(s) ({self.removed_files} files), "
+                f"dataset.json {'restored' if self.dataset_json_restored else 'unchanged'}")
+        if self.splits_file is not None:
+            text += f", splits {self.splits} ({self.splits_file})"
+        return text
+
 
 def clean_synthetic(dataset_dir: Path, nnunet_preprocessed: Path | str | None = None) -> CleanReport:
     """Remove every case in the manifest, restore dataset.json byte for byte, restore/update splits.

@@ -131,7 +131,8 @@ def _finish(dataset_dir: Path, create: bool, raw: Path | None, what: str) -> Pat
         return dataset_dir
     if not create:
         exists = "has no dataset.json" if dataset_dir.is_dir() else "does not exist"
-        raise DatasetResolutionError(f"{what} resolves to {dataset_dir}, which {exists} (create=False)")
+        raise DatasetResolutionError(f"{what} resolves to {dataset_dir}, which {exists}; check the name "
+                                     "(`pathar-aug import` or `synthesize` create new datasets)")
     _check_id_free(dataset_dir.name, raw if raw is not None else dataset_dir.parent)
     return _create(dataset_dir)
 
@@ -169,8 +170,8 @@ def resolve_dataset(
             return _finish(root / matches[0], create, root, f"dataset id {dataset_id:03d}")
         if not create:
             raise DatasetResolutionError(
-                f"no dataset with id {dataset_id:03d} in {root} (pass create=True to make "
-                f"Dataset{dataset_id:03d}_{default_name})"
+                f"no dataset with id {dataset_id:03d} in {root}; check the id "
+                "(`pathar-aug import` or `synthesize` create new datasets)"
             )
         if not _NAME_PART_RE.match(default_name):
             raise DatasetResolutionError(f"default_name {default_name!r} may only hold letters, digits, _ and -")

@@ -9,6 +9,7 @@ from typing import Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(stderr=True)
 
@@ -46,43 +47,64 @@ class Preset(str, Enum):
 
 def user_errors(fn: Callable) -> Callable:
     """Turn the errors a user can fix into one red line and exit code 2 (no traceback)."""
+    from nnunet_integration.atomic import DatasetBusyError
     from nnunet_integration.dataset import IncompatibleDatasetError
     from nnunet_integration.manifest import ManifestError
     from nnunet_integration.paths import DatasetResolutionError
     from pathar_aug.ingest import IngestError
     from pathar_aug.pipeline import RunError
 
+    # OSError: a folder that cannot be written, a full disk ... - the message names the path
     fixable = (IngestError, RunError, DatasetResolutionError, IncompatibleDatasetError, ManifestError,
-               FileExistsError, FileNotFoundError, ValueError)
+               DatasetBusyError, FileExistsError, FileNotFoundError, ValueError, OSError)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except fixable as exc:
-            console.print(f"[bold red]error:[/bold red] {exc}")
+            # escaped: file names and CSV rows may hold [brackets]; soft_wrap keeps it one line
+            console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(2)
 
     return wrapper
 
 
 def _device(name: str):
+    import torch
+
     from pathar_aug.device import resolve_device
 
-    return resolve_device(name)
+    try:
+        device = resolve_device(name)
+    except RuntimeError:  # torch's own message lists every backend it was built to know
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r} is not a device this tool runs on; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         "numbered from 0")
+    return device
+
+
+def _typed_options(ctx: typer.Context, names: tuple[str, ...]) -> dict:
+    """The options among ``names`` that were given on the command line (not left at their default)."""
+    sources = {n: ctx.get_parameter_source(n) for n in names}
+    return {n: ctx.params[n] for n, src in sources.items() if src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP")}
 
 
 # --------------------------------------------------------------------------------------- train
 @app.command()
 @user_errors
 def train(
-    images: Path = typer.Option(..., help="Folder of images (PNG/TIFF/JPEG; subfolders = labels)."),
-    masks: Path = typer.Option(..., help="Folder of masks with the same file stems (binary or instance ids)."),
+    ctx: typer.Context,
+    images: Optional[Path] = typer.Option(None, help="Folder of images (PNG/TIFF/JPEG; subfolders = labels). Not needed with --resume."),
+    masks: Optional[Path] = typer.Option(None, help="Folder of masks with the same file stems (binary or instance ids). Not needed with --resume."),
     labels: Optional[Path] = typer.Option(None, help="CSV 'name,label' giving each image's condition label."),
     preset: Preset = typer.Option(Preset.cpu, help="tiny: tests; cpu: a 2-core machine; paper: the paper's setting (GPU)."),
     out: Path = typer.Option(Path("runs/pathar"), help="Run folder: config, checkpoints, loss logs, previews."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ..."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out where it stopped."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out where it stopped (with --prior-steps: train its prior longer)."),
     tokenizer_steps: Optional[int] = typer.Option(None, help="Override the preset's tokenizer training steps."),
     prior_steps: Optional[int] = typer.Option(None, help="Override the preset's prior training steps."),
     batch_size: Optional[int] = typer.Option(None, help="Override both stages' batch size."),
@@ -98,10 +120,17 @@ def train(
     """
     from pathar_aug.pipeline import make_settings, train_run
 
-    settings = make_settings(images, masks, labels, preset.value,
-                             {"steps": tokenizer_steps, "batch_size": batch_size},
-                             {"steps": prior_steps, "batch_size": batch_size}, val_fraction, seed)
-    train_run(out, settings, _device(device), resume=resume, show_progress=not quiet, log=console.print)
+    if images is None or masks is None:  # a resume finds its settings in the run folder
+        if not resume:
+            raise ValueError("--images and --masks are needed to start a run (--resume continues one from --out alone)")
+        settings = None
+    else:
+        settings = make_settings(images, masks, labels, preset.value,
+                                 {"steps": tokenizer_steps, "batch_size": batch_size},
+                                 {"steps": prior_steps, "batch_size": batch_size}, val_fraction, seed)
+    given = _typed_options(ctx, ("images", "masks", "labels", "preset", "tokenizer_steps", "prior_steps", "batch_size",
+                            "val_fraction", "seed")) if resume else None
+    train_run(out, settings, _device(device), resume=resume, show_progress=not quiet, log=console.print, given=given)
     console.print(f"\n[bold green]done[/bold green]: model in {out}  (preview: {out / 'samples_preview.png'})")
     console.print(f"next: pathar-aug synthesize --model {out} --into 501 --n 400")
 
@@ -120,7 +149,8 @@ def synthesize(
     temperature: float = typer.Option(0.85, help="Sampling temperature."),
     top_k: int = typer.Option(100, help="Keep the k most likely tokens (0 = off)."),
     top_p: float = typer.Option(0.92, help="Nucleus sampling mass (1 = off)."),
-    seed: int = typer.Option(0, help="Seed: the same settings give the same pairs."),
+    seed: int = typer.Option(0, help="Seed: the same settings, device and number of CPU threads give the same pairs "
+                                     "(another thread count can change a few)."),
     batch_size: int = typer.Option(32, help="Images sampled together (memory grows with it)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
     nnunet_raw: Optional[Path] = typer.Option(None, help="nnU-Net raw folder (default $nnUNet_raw)."),
@@ -200,7 +230,7 @@ def clean(
 
     dataset = resolve_dataset(from_, nnunet_raw, create=False)
     report = clean_synthetic(dataset, nnunet_preprocessed)
-    console.print(f"cleaned {dataset}: {report}")
+    console.print(f"cleaned {dataset}: {report.summary()}")
 
 
 # ---------------------------------------------------------------------------------------- demo

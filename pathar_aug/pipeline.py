@@ -1,7 +1,8 @@
 """One run folder from a user's folders to a trained generator, and generation from it.
 
     runs/NAME/
-      run.json                  settings, data summary, label names (written first)
+      run.json                  settings, data summary, label names (written when the data is cached;
+                                run_pending.json holds the settings until then)
       data/patches.pt           train / held-out patches (split by source image)
       tokenizer/                tokenizer.pt, tokenizer_loss.csv, tokenizer_preview.png
       tokens/                   train_tokens.pt (x8 dihedral views), heldout_tokens.pt
@@ -18,12 +19,12 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from pathar_aug.config import from_dict, from_preset, save_json, to_dict
-from pathar_aug.ingest import MASK_SUFFIXES, IngestError, load_pairs, read_mask
+from pathar_aug.ingest import MASK_SUFFIXES, IngestError, find_files, load_pairs, read_mask
 from pathar_aug.patches import PatchSet, make_patches, split_by_image, tile_starts
 from pathar_aug.preview import save_grid, to_rgb_tiles
 from pathar_aug.prior import PRIOR_PRESETS, InterleavedPrior, PriorConfig
@@ -31,9 +32,11 @@ from pathar_aug.sampler import SamplingConfig, sample_tokens
 from pathar_aug.tokenizer import TOKENIZER_PRESETS, DualVQTokenizer, TokenizerConfig
 from pathar_aug.train_prior import load_prior, train_prior
 from pathar_aug.train_tokenizer import build_token_cache, load_tokenizer, train_tokenizer
-from pathar_aug.training import load_checkpoint
+from pathar_aug.training import load_checkpoint, save_checkpoint
+from pathar_aug.validate import check_out_folder, check_run_settings
 
 RUN_FILE = "run.json"
+RUN_PENDING = "run_pending.json"  # settings of a run whose data stage has not finished yet
 TOKENIZER_CKPT = Path("tokenizer") / "tokenizer.pt"
 PRIOR_CKPT = Path("prior") / "prior.pt"
 
@@ -78,27 +81,108 @@ def _checkpoint_done(path: Path, steps: int) -> bool:
     return path.exists() and int(load_checkpoint(path)["step"]) >= steps
 
 
-def prepare_run(run_dir: Path, settings: RunSettings, resume: bool) -> RunSettings:
+def _stored_settings(path: Path) -> RunSettings:
+    try:
+        return RunSettings.from_json(json.loads(path.read_text())["settings"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RunError(f"{path}: cannot read the run's settings ({type(exc).__name__}: {exc}); "
+                       "start the run again in a new --out") from None
+
+
+# the options a resumed run may be given, and how each is found in its stored settings
+_RESUME_OPTIONS = {
+    "images": lambda s: s.images, "masks": lambda s: s.masks, "labels": lambda s: s.labels_csv,
+    "preset": lambda s: s.preset, "tokenizer_steps": lambda s: s.tokenizer.steps,
+    "batch_size": lambda s: s.tokenizer.batch_size if s.tokenizer.batch_size == s.prior.batch_size else None,
+    "val_fraction": lambda s: s.val_fraction, "seed": lambda s: s.seed, "prior_steps": lambda s: s.prior.steps,
+}
+
+
+def apply_resume_options(run_dir: Path, stored: RunSettings, given: dict[str, Any],
+                         log: Callable[[str], None] = print) -> RunSettings:
+    """Check options given again with --resume against the run's stored settings.
+
+    Equal values are fine; the prior may be given more steps (it continues from its checkpoint);
+    anything else would silently be ignored, so it is an error naming the option.
+    """
+    for option, value in given.items():
+        if option not in _RESUME_OPTIONS:
+            raise RunError(f"--{option.replace('_', '-')} cannot be given with --resume")
+        if value is None:
+            continue
+        if option in ("images", "masks", "labels"):
+            value = str(Path(value).resolve())
+        if hasattr(value, "value"):  # an Enum such as the preset
+            value = value.value
+        current = _RESUME_OPTIONS[option](stored)
+        if value == current:
+            continue
+        flag = f"--{option.replace('_', '-')}"
+        if option == "prior_steps" and stored.prior.epochs is None and isinstance(value, int) and value > current:
+            log(f"resume: the prior trains on to {value} steps (was {current})")
+            stored = dataclasses.replace(stored, prior=dataclasses.replace(stored.prior, steps=value))
+            continue
+        if option == "prior_steps" and stored.prior.epochs is not None:
+            why = f"this run's prior trains for {stored.prior.epochs} epochs, so {flag} does not apply"
+        elif option == "prior_steps":
+            why = f"{flag} can only grow on --resume (the run has {current})"
+        else:
+            why = f"the run has {current!r}; a resumed run keeps its settings (leave {flag} out)"
+        raise RunError(f"{run_dir}: {flag} {value!r} differs from the run: {why}; "
+                       "start a new run with another --out to change it")
+    return stored
+
+
+def prepare_run(run_dir: Path, settings: RunSettings | None, resume: bool, given: dict[str, Any] | None = None,
+                log: Callable[[str], None] = print) -> RunSettings:
     """Create the run folder (or check a resumed one) and cache the patches. Input errors raise
-    before anything is written."""
-    run_file = run_dir / RUN_FILE
+    before anything is written.
+
+    ``settings`` may be None with ``resume``: the run folder alone says how to go on. ``given``:
+    options typed again with --resume, checked by ``apply_resume_options``.
+    """
+    run_dir = Path(run_dir)
+    check_out_folder(run_dir)
+    run_file, pending = run_dir / RUN_FILE, run_dir / RUN_PENDING
     if run_file.exists():
         if not resume:
             raise RunError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-        return RunSettings.from_json(json.loads(run_file.read_text())["settings"])
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise RunError(f"{run_dir} exists and is not a pathar-aug run folder; choose another --out")
+        stored = _stored_settings(run_file)
+        if given:
+            changed = apply_resume_options(run_dir, stored, given, log)
+            if changed != stored:
+                run = json.loads(run_file.read_text())
+                save_json({**run, "settings": changed.to_json()}, run_file)
+            stored = changed
+        return stored
+    if pending.exists() and (resume or settings is None or _stored_settings(pending) == settings):
+        # the data stage was interrupted: redo it with the settings saved when it began
+        saved = _stored_settings(pending)
+        settings = apply_resume_options(run_dir, saved, given, log) if given else saved
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        leftovers_only = {p.name for p in run_dir.iterdir()} <= {"data"}  # a data stage killed by older versions
+        if not (resume and leftovers_only and settings is not None):
+            raise RunError(f"{run_dir} exists and is not a pathar-aug run folder (no {RUN_FILE}); choose another --out"
+                           + (", or pass --images and --masks to start the interrupted run again"
+                              if resume and leftovers_only else ""))
+    elif settings is None:
+        raise RunError(f"{run_dir} holds no run to resume; start one with --images and --masks")
+    check_run_settings(settings)
     samples = load_pairs(settings.images, settings.masks, settings.labels_csv)  # raises IngestError
     train, val = split_by_image(samples, settings.val_fraction, settings.seed)
     label_names = sorted({s.label for s in samples})
     train_patches = make_patches(train, settings.tokenizer.patch_size, label_names)
     val_patches = make_patches(val, settings.tokenizer.patch_size, label_names) if val else None
+    # everything is checked; the first write saves the settings, so that --resume alone can redo
+    # an interrupted data stage
     (run_dir / "data").mkdir(parents=True, exist_ok=True)
-    torch.save({"train": train_patches, "heldout": val_patches}, run_dir / "data" / "patches.pt")
+    save_json({"settings": settings.to_json()}, pending)
+    save_checkpoint(run_dir / "data" / "patches.pt", train=train_patches, heldout=val_patches)  # temp + rename
     summary = {"label_names": label_names, "train_images": len(train), "heldout_images": len(val),
                "train_patches": len(train_patches), "heldout_patches": len(val_patches) if val_patches else 0,
                "heldout_sources": sorted({s.name for s in val})}
-    save_json({"settings": settings.to_json(), "data": summary}, run_file)  # last: marks the run as created
+    save_json({"settings": settings.to_json(), "data": summary}, run_file)  # marks the run as created
+    pending.unlink()
     return settings
 
 
@@ -107,11 +191,16 @@ def load_patches(run_dir: Path) -> tuple[PatchSet, PatchSet | None]:
     return data["train"], data["heldout"]
 
 
-def train_run(run_dir: str | Path, settings: RunSettings, device: torch.device, resume: bool = False,
-              show_progress: bool = True, log: Callable[[str], None] = print) -> Path:
-    """All stages: ingest, tokenizer, tokenize, prior, preview. Returns the run folder."""
+def train_run(run_dir: str | Path, settings: RunSettings | None, device: torch.device, resume: bool = False,
+              show_progress: bool = True, log: Callable[[str], None] = print,
+              given: dict[str, Any] | None = None) -> Path:
+    """All stages: ingest, tokenizer, tokenize, prior, preview. Returns the run folder.
+
+    With ``resume``, ``settings`` may be None (the run folder holds them) and ``given`` holds the
+    options typed again, checked against the run (see ``apply_resume_options``).
+    """
     run_dir = Path(run_dir)
-    settings = prepare_run(run_dir, settings, resume)
+    settings = prepare_run(run_dir, settings, resume, given, log)
     train_patches, heldout = load_patches(run_dir)
     log(f"[1/4] data: {len(train_patches)} training patches of {settings.tokenizer.patch_size} px, "
         f"labels {', '.join(train_patches.label_names)}")
@@ -199,6 +288,9 @@ class Generator:
 def load_generator(run_dir: str | Path, device: torch.device) -> Generator:
     """Load a finished run; an incomplete one is a clear error naming what is missing."""
     run_dir = Path(run_dir)
+    if not (run_dir / RUN_FILE).exists() and (run_dir / RUN_PENDING).exists():
+        raise RunError(f"{run_dir} is incomplete: the data stage did not finish; "
+                       f"finish it with `pathar-aug train --out {run_dir} --resume`")
     if not (run_dir / RUN_FILE).exists():
         raise RunError(f"{run_dir} is not a pathar-aug run folder (no {RUN_FILE}); train one with `pathar-aug train`")
     settings = RunSettings.from_json(json.loads((run_dir / RUN_FILE).read_text())["settings"])
@@ -229,7 +321,7 @@ def save_sample_preview(generator: Generator, path: Path, device: torch.device, 
 
 def masks_as_patches(masks_dir: Path, patch: int) -> tuple[torch.Tensor, list[str]]:
     """Read every mask of a folder and tile it to patch size for mask-conditioned rendering."""
-    files = sorted(p for p in Path(masks_dir).rglob("*") if p.is_file() and p.suffix.lower() in MASK_SUFFIXES)
+    files = find_files(masks_dir, MASK_SUFFIXES)
     if not files:
         raise IngestError(f"{masks_dir}: no mask files found (looked for {', '.join(MASK_SUFFIXES)})")
     tiles, names = [], []

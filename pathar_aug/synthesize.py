@@ -10,19 +10,31 @@ from typing import Callable, Iterator
 
 import torch
 
-from nnunet_integration.atomic import atomic_write_json, exclusive_dir_lock, publish_no_clobber, write_tmp
+from nnunet_integration.atomic import (
+    atomic_write_json, exclusive_dir_lock, publish_no_clobber, tmp_path_for, unlink_if_present, write_tmp,
+)
 from nnunet_integration.dataset import (
     IncompatibleDatasetError, png_bytes, prepare_pair, check_compatible, list_cases, read_dataset_json, write_cases,
 )
 from nnunet_integration.manifest import COMMITTED, SYNTHETIC_PREFIX, case_files, load_manifest, settings_batch_tag
 from nnunet_integration.paths import DatasetResolutionError, preprocessed_dir, resolve_dataset
 from nnunet_integration.splits import real_and_synthetic, update_splits
-from pathar_aug.ingest import load_pairs
+from pathar_aug.ingest import IngestError, Sample, load_pairs
 from pathar_aug.pipeline import Generator, RunError, load_generator, masks_as_patches, train_filter_stage
 from pathar_aug.sampler import SamplingConfig
 from pathar_aug.training import progress_bar
+from pathar_aug.validate import check_sampling
 
 Log = Callable[[str], None]
+
+# Written into every batch's settings in the manifest. Sampling runs in float arithmetic whose
+# summation order follows the number of CPU threads, so a rare token can flip between thread counts.
+REPRODUCIBILITY = ("the same model, settings, seed, device and number of CPU threads give identical pairs; "
+                   "another thread count can change a few pairs")
+# Longest file name most filesystems allow, and what nnU-Net's image name adds to a case name
+# (the temporary name while writing is longer still): "<case>_0000.png.tmp".
+NAME_MAX = 255
+CASE_FILE_EXTRA = len("_0000.png.tmp")
 
 
 @dataclass
@@ -128,6 +140,8 @@ def synthesize_into(
     """
     from pathar_aug.quality_filter import DEFAULT_OVERSAMPLE, MAX_OVERSAMPLE, QualityFilter, filter_complete, quota
 
+    # every option is checked before anything is written (--n by plan_labels, below)
+    check_sampling(guidance, temperature, top_k, top_p, batch_size, seed)
     oversample = DEFAULT_OVERSAMPLE if oversample is None else float(oversample)
     if quality_filter and not 1.0 <= oversample <= MAX_OVERSAMPLE:
         raise ValueError(f"--oversample must be between 1 and {MAX_OVERSAMPLE:g}, got {oversample:g}")
@@ -242,6 +256,9 @@ def synthesize_into(
                 yield (names[i], images[j].permute(1, 2, 0).numpy(), masks[j, 0].numpy(),
                        selection.scores[k].to_json(selection.threshold))
 
+    known = manifest.batches.get(batch) if manifest else None
+    if known is None or "reproducibility" in known["settings"]:  # batches of older versions lack the note
+        settings = {**settings, "reproducibility": REPRODUCIBILITY}  # recorded, not part of the batch tag
     report = write_cases(dataset, cases(), settings=settings, batch=batch, commit_every=batch_size)
     # chunks found complete were not even generated: count this batch's cases in the manifest
     committed = {name for name, c in load_manifest(dataset).cases.items()
@@ -269,13 +286,7 @@ def import_real(images: Path, masks: Path, into: str, labels_csv: Path | None = 
     """Write a user's real pairs into a raw dataset: all files are read and checked first, no existing
     case is overwritten, and dataset.json (numTraining) is replaced atomically at the end."""
     samples = load_pairs(images, masks, labels_csv)
-    names = {s.name: _safe(s.name) for s in samples}
-    reserved = [s for s, name in names.items() if name.startswith(SYNTHETIC_PREFIX)]
-    if reserved:
-        raise IncompatibleDatasetError(f"image '{reserved[0]}' starts with {SYNTHETIC_PREFIX!r}, which is reserved "
-                                       "for synthetic cases; rename it")
-    if len(set(names.values())) != len(names):
-        raise IncompatibleDatasetError("two file stems map to the same case name; rename them")
+    names = case_names(samples)
     _check_target(into, nnunet_raw)
     dataset = resolve_dataset(into, nnunet_raw, create=True)
     with exclusive_dir_lock(dataset, "writing"):
@@ -290,9 +301,19 @@ def import_real(images: Path, masks: Path, into: str, labels_csv: Path | None = 
             if name in existing or any((dataset / rel).exists() for rel in case_files(name)):
                 raise FileExistsError(f"{sample.image_path}: case '{name}' already exists in {dataset}; nothing was written")
         prepared = [(names[s.name], *prepare_pair(names[s.name], s.image, s.binary_mask)) for s in samples]
-        for name, image, mask in prepared:  # label first: an image never lacks its label
-            for rel, array in zip(case_files(name)[::-1], (mask, image)):
-                publish_no_clobber(write_tmp(dataset / rel, png_bytes(array)), dataset / rel)
+        published: list[Path] = []
+        try:
+            for name, image, mask in prepared:  # label first: an image never lacks its label
+                for rel, array in zip(case_files(name)[::-1], (mask, image)):
+                    publish_no_clobber(write_tmp(dataset / rel, png_bytes(array)), dataset / rel)
+                    published.append(dataset / rel)
+        except BaseException:  # a full disk or a kill signal: take back what this call wrote
+            for path in published:
+                unlink_if_present(path)
+            for name, _, _ in prepared:
+                for rel in case_files(name):
+                    unlink_if_present(tmp_path_for(dataset / rel))
+            raise
         if "dataset" in dj:
             for name, _, _ in prepared:
                 image_rel, label_rel = case_files(name)
@@ -305,3 +326,26 @@ def import_real(images: Path, masks: Path, into: str, labels_csv: Path | None = 
     atomic_write_json(labels_file, {**known, **{names[s.name]: s.label for s in samples}})
     log(f"{dataset}: imported {len(samples)} real cases ({', '.join(f'{k}: {v}' for k, v in label_counts.items())})")
     return dataset
+
+
+def case_names(samples: list[Sample]) -> dict[str, str]:
+    """nnU-Net case name of each sample's stem; a name nnU-Net or the filesystem cannot take is an
+    error naming the file, raised before anything is written."""
+    names: dict[str, str] = {}
+    owner: dict[str, Sample] = {}
+    for s in samples:
+        name = _safe(s.name)
+        if name.startswith(SYNTHETIC_PREFIX):
+            raise IngestError(f"{s.image_path}: its name starts with {SYNTHETIC_PREFIX!r}, which is reserved for "
+                              "synthetic cases; rename the image and its mask")
+        if len(name.encode()) + CASE_FILE_EXTRA > NAME_MAX:
+            raise IngestError(f"{s.image_path}: file name too long for an nnU-Net case (at most "
+                              f"{NAME_MAX - CASE_FILE_EXTRA} characters); rename the image and its mask")
+        # case-insensitive filesystems (macOS, Windows) would merge names differing only in case
+        other = owner.get(name.lower())
+        if other is not None:
+            raise IngestError(f"{s.image_path}: becomes case name '{name}', like {other.image_path} "
+                              f"('{names[other.name]}'); rename one of them (case names keep letters, digits, '-' and '_')")
+        owner[name.lower()] = s
+        names[s.name] = name
+    return names

@@ -76,3 +76,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Hypothesis profiles for the input fuzz suite (tests/test_fuzz_inputs.py): "ci" (the default) is a
+# few seconds of fixed examples; HYPOTHESIS_PROFILE=long explores many new ones, for runs by hand.
+try:
+    import os
+
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile("ci", max_examples=20, deadline=None, derandomize=True,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("long", max_examples=2000, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # hypothesis is in the 'test' extra; without it only the fuzz suite is skipped
+    pass
