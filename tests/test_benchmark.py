@@ -263,7 +263,8 @@ def test_filtered_row_keeps_the_pairs_the_quality_filter_ranks_best(study, tmp_p
     from pathar_aug.study import KIND_FILTERED
 
     settings = BenchmarkSettings(images=str(study.images), masks=str(study.masks), real=4, synthetic=(0, 3),
-                                 synthetic_only=0, extra_rows="largest", filtered_row=True, filter_oversample=3,
+                                 synthetic_only=0, extra_rows="largest", extra_kinds=("rendered", "classical", "filtered"),
+                                 filter_oversample=3,
                                  val=4, model=str(study.out / "generator"), epochs=1, iterations=2, seeds=1)
     assert [(g.numeral, g.kind) for g in settings.groups][-1] == ("V", KIND_FILTERED)
     prepared = prepare(settings, tmp_path / "bench", torch.device("cpu"), log=lambda *_: None, show_progress=False)

@@ -67,6 +67,20 @@ def train_and_evaluate(prepared: Prepared, identifier: str, device: torch.device
     """Write the folds, train each with nnU-Net's trainer (skipping finished ones), segment the
     validation tiles with nnU-Net's predictor and cache per-case Dice, AJI and PQ (and, for the
     curve folds, the same at 25 / 50 / 75 % of the schedule); returns fold results by name."""
+    nn_device = "cuda" if device.type == "cuda" else str(device)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        # one core for the network, one for nnU-Net's augmentation worker: with two OpenMP threads
+        # beside the worker, epochs on 2 cores took 2-4x longer
+        torch.set_num_threads(1)
+    try:
+        return _train_and_evaluate(prepared, identifier, device, nn_device, log, show_progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_and_evaluate(prepared: Prepared, identifier: str, device: torch.device, nn_device: str, log: Log,
+                        show_progress: bool) -> dict[str, dict]:
     from nnunet_integration.dataset import list_cases
     from nnunet_integration.paths import nnunet_env
     from nnunet_integration.runner import model_folder, predict, train_fold
@@ -82,7 +96,6 @@ def train_and_evaluate(prepared: Prepared, identifier: str, device: torch.device
     cases = list_cases(prepared.dataset)
     with np.load(out / INSTANCES_FILE) as f:
         truth = {c: f[c] for c in f.files}
-    nn_device = "cuda" if device.type == "cuda" else str(device)
     with nnunet_env(*prepared.dirs.values()):
         folds = [{"train": f["train"], "val": f["val"]} for f in plan.folds]
         splits_file = prepared.dirs["preprocessed"] / prepared.dataset.name / "splits_final.json"

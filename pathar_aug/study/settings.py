@@ -23,6 +23,7 @@ KIND_TEXT = {KIND_GENERATED: "synthetic", KIND_RENDERED: "mask-conditioned", KIN
 BATCH_TAG = {KIND_GENERATED: "gen", KIND_RENDERED: "ren", KIND_CLASSICAL: "cls", KIND_FILTERED: "fil"}
 KEY_LETTER = {KIND_GENERATED: "g", KIND_RENDERED: "m", KIND_CLASSICAL: "c", KIND_FILTERED: "f"}
 EXTRA_KINDS = (KIND_RENDERED, KIND_CLASSICAL, KIND_FILTERED)  # the rows beside real + synthetic, table order
+DEFAULT_EXTRA_KINDS = (KIND_RENDERED, KIND_CLASSICAL)
 EXTRA_ROWS = ("largest", "all", "none")
 METRICS = ("dice", "aji", "pq")  # per validation tile: semantic Dice, aggregated Jaccard, panoptic quality
 AVERAGE = "average"  # the summary row over all labels
@@ -30,19 +31,22 @@ SCHEDULES = ("cpu", "full")
 
 
 # The CPU schedule's batch: nnU-Net's planner sizes the batch for a GPU (for 128 px tiles and a few
-# thousand cases it plans dozens); on 2 cores an iteration then takes many seconds. 12 is the
-# planner's reference 2D batch. Measured with the CPU plans at 128 px on 2 busy cores: batch 4
-# 1.9 s/iteration, batch 12 2.6 s/iteration (a fixed per-iteration cost dominates).
-CPU_MAX_BATCH = 12
+# thousand cases it plans dozens); on 2 cores an iteration then takes many seconds. 8 is what the
+# learning curve behind cpu_schedule was measured with.
+CPU_MAX_BATCH = 8
 CPU_UNET_FEATURES, CPU_UNET_MAX_FEATURES = 16, 512
 
 
 def cpu_schedule(epochs: int | None = None, iterations: int | None = None):
-    """The short CPU schedule: 10 epochs x 20 iterations (about 5 minutes per group on 2 cores at
-    128 px, batch 12), 1 validation iteration per epoch (its pseudo Dice is not used here)."""
+    """The CPU schedule, sized to convergence: 40 epochs x 20 iterations of batch 8 with the CPU
+    U-Net (16..512 features). On DSB2018 at 30 real 128 px tiles per label, group I's validation
+    Dice at 25 / 50 / 75 / 100 % of it was 0.787 / 0.829 / 0.845 / 0.847
+    (benchmarks/results/dice_scaling_schedule_f16_curve.csv): the last two within 0.01. About 1 s
+    per iteration on 2 cores (one torch thread, one augmentation worker), 13 minutes per fold.
+    1 validation iteration per epoch (nnU-Net's pseudo Dice is not used here)."""
     from nnunet_integration.trainer import Schedule
 
-    return Schedule(epochs=epochs or 10, iterations_per_epoch=iterations or 20, val_iterations_per_epoch=1,
+    return Schedule(epochs=epochs or 40, iterations_per_epoch=iterations or 20, val_iterations_per_epoch=1,
                     save_every=5)
 
 
@@ -100,12 +104,12 @@ class Group:
 
 
 def plan_groups(real: int, synthetic: Sequence[int], synthetic_only: int | None = None,
-                extra_rows: str = "largest", filtered: bool = False) -> list[Group]:
+                extra_rows: str = "largest", extra_kinds: Sequence[str] = DEFAULT_EXTRA_KINDS) -> list[Group]:
     """The groups, in table order: real only (if 0 is among ``synthetic``), synthetic only
     (``synthetic_only`` generated tiles and no real ones; default the smallest positive count,
-    0 = no such row), real + each positive count, then the mask-conditioned, classical and (with
-    ``filtered``) quality-filtered rows at the largest count (``extra_rows='largest'``), at every
-    positive count (``'all'``) or none."""
+    0 = no such row), real + each positive count, then one row of each of ``extra_kinds``
+    (mask-conditioned, classical, quality-filtered) at the largest count (``extra_rows='largest'``),
+    at every positive count (``'all'``) or none."""
     if real < 1:
         raise ValueError(f"--real must be at least 1 real tile per label, got {real}")
     counts = sorted(set(int(s) for s in synthetic))
@@ -125,8 +129,11 @@ def plan_groups(real: int, synthetic: Sequence[int], synthetic_only: int | None 
         rows.append((0, synthetic_only, KIND_GENERATED))
     rows += [(real, s, KIND_GENERATED) for s in positive]
     extra_at = {"largest": positive[-1:], "all": positive, "none": []}[extra_rows]
-    for kind in EXTRA_KINDS:
-        if kind != KIND_FILTERED or filtered:
+    unknown = [k for k in extra_kinds if k not in EXTRA_KINDS]
+    if unknown:
+        raise ValueError(f"--extra-kinds must be among {', '.join(EXTRA_KINDS)}, got {unknown[0]!r}")
+    for kind in EXTRA_KINDS:  # table order, whatever the order asked
+        if kind in extra_kinds:
             rows += [(real, s, kind) for s in extra_at]
     if len(rows) > len(ROMAN):
         raise ValueError(f"{len(rows)} groups are too many for one table (at most {len(ROMAN)})")
@@ -145,7 +152,7 @@ class BenchmarkSettings:
     synthetic: tuple[int, ...] = (0, 100, 200, 400)
     synthetic_only: int | None = None
     extra_rows: str = "largest"
-    filtered_row: bool = False  # a row of generated pairs chosen by the run's quality filter
+    extra_kinds: tuple[str, ...] = DEFAULT_EXTRA_KINDS  # rows beside real + synthetic (EXTRA_KINDS)
     filter_oversample: int = 4  # candidates drawn per kept pair in that row
     val: int = 50  # validation tiles per label
     val_fraction: float | None = None  # of each label's source images; default: the model's, else 0.2
@@ -176,6 +183,7 @@ class BenchmarkSettings:
         self.model = str(Path(self.model).resolve()) if self.model else None
         self.instances = str(Path(self.instances).resolve()) if self.instances else None
         self.synthetic = tuple(sorted(set(int(s) for s in self.synthetic)))
+        self.extra_kinds = tuple(self.extra_kinds)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         for name in ("val", "seeds", "sample_batch", "unet_features", "unet_max_features", "bootstrap",
@@ -187,11 +195,11 @@ class BenchmarkSettings:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if not 1 <= self.dataset_id <= 999:
             raise ValueError(f"dataset id must be 1-999, got {self.dataset_id}")
-        plan_groups(self.real, self.synthetic, self.synthetic_only, self.extra_rows, self.filtered_row)  # validates
+        plan_groups(self.real, self.synthetic, self.synthetic_only, self.extra_rows, self.extra_kinds)  # validates
 
     @property
     def groups(self) -> list[Group]:
-        return plan_groups(self.real, self.synthetic, self.synthetic_only, self.extra_rows, self.filtered_row)
+        return plan_groups(self.real, self.synthetic, self.synthetic_only, self.extra_rows, self.extra_kinds)
 
     def nnunet_schedule(self):
         return (cpu_schedule if self.schedule == "cpu" else full_schedule)(self.epochs, self.iterations)
@@ -199,6 +207,7 @@ class BenchmarkSettings:
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
         data["synthetic"] = list(self.synthetic)
+        data["extra_kinds"] = list(self.extra_kinds)
         data["classical"] = self.classical.to_json()
         return data
 
@@ -213,4 +222,5 @@ class BenchmarkSettings:
         data = dict(data)
         data["classical"] = ClassicalAugment(**data.get("classical", {}))
         data["synthetic"] = tuple(data["synthetic"])
+        data["extra_kinds"] = tuple(data.get("extra_kinds", DEFAULT_EXTRA_KINDS))
         return cls(**data)
