@@ -284,3 +284,27 @@ def test_a_run_without_filter_gets_it_on_first_use_or_with_resume(run, raw, tmp_
                               "--preset", "tiny", "--out", str(old), "--quiet", "--resume"])
     assert res.exit_code == 0, res.output
     assert (old / FILTER_DIR / "segmenter.pt").read_bytes() == before  # a complete stage is skipped
+
+
+def test_sampling_defaults_pick_the_setting_whose_empty_share_matches_the_real_one():
+    import torch
+
+    from pathar_aug.sampling_defaults import CANDIDATES, choose_sampling, empty_share
+
+    masks = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+    masks[:1, :, 2:5, 2:5] = 1  # one of four holds a nucleus
+    assert empty_share(masks) == 0.75
+
+    # a fake prior: colder sampling empties more masks, as a truncated under-trained prior does
+    def generate(label_index, n, config):
+        empty = {0.85: 0.9, 0.95: 0.5, 1.0: 0.1}[config.temperature]
+        out = torch.zeros(n, 1, 8, 8, dtype=torch.uint8)
+        out[int(round(empty * n)):, :, 3:6, 3:6] = 1
+        return out
+
+    choice = choose_sampling(generate, ["a", "b"], {"a": 0.05, "b": 0.15}, samples_per_label=20)
+    assert choice.chosen == CANDIDATES[2]  # plain sampling: gaps 0.05 against 0.35 and 0.85
+    assert [round(m["max_gap"], 2) for m in choice.measured] == [0.85, 0.45, 0.05]
+    # a tie keeps the earlier candidate (the paper's setting first)
+    tie = choose_sampling(lambda li, n, c: torch.zeros(n, 1, 4, 4), ["a"], {"a": 1.0}, samples_per_label=5)
+    assert tie.chosen == CANDIDATES[0]
