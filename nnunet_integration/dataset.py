@@ -330,14 +330,18 @@ def write_chunks(
     commit_every: int = 32,
     labels: Mapping[str, str] | None = None,
     on_chunk: Callable[[int], None] | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> WriteReport:
     """``write_cases`` for pairs made chunk by chunk: ``chunks`` lists each chunk's case ids and
     ``make_chunk(c)`` makes chunk ``c``'s cases. A chunk whose every case is already committed in
     ``batch`` is not made at all, so a rerun of a killed call only makes what is missing.
-    ``on_chunk(n)`` is told the size of each chunk once it is done or skipped."""
+    ``on_chunk(n)`` is told the size of each chunk once it is done or skipped; ``on_start()`` is
+    called once the dataset's lock is held, before the first chunk."""
     done = committed_ids(dataset_dir, batch)
 
     def cases() -> Iterable[Case | ScoredCase]:
+        if on_start is not None:
+            on_start()
         for c, ids in enumerate(chunks):
             if not all(i in done for i in ids):
                 yield from make_chunk(c)

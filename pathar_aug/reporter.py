@@ -24,6 +24,22 @@ class Task:
         pass
 
 
+class _Deferred(Task):
+    def __init__(self, open_task: Callable[[], Task]):
+        self._open, self._task = open_task, None
+
+    def start(self) -> Task:
+        if self._task is None:
+            self._task = self._open()
+        return self._task
+
+    def advance(self, n: float = 1, info: str | None = None) -> None:
+        self.start().advance(n, info)
+
+    def update(self, completed: float | None = None, info: str | None = None) -> None:
+        self.start().update(completed, info)
+
+
 def _print_plain(text: str) -> None:
     from rich.text import Text
 
@@ -46,6 +62,13 @@ class Reporter:
     def without_progress(self) -> Reporter:
         """The same log, no progress (``--quiet``, or a caller that asked for none)."""
         return Reporter(self.log)
+
+    @contextlib.contextmanager
+    def deferred_task(self, description: str, total: float | None = None) -> Iterator[Task]:
+        """A task shown only from its first ``start()`` / ``advance()`` / ``update()`` on: a loop that
+        may stop before it begins (a dataset locked by another process) draws no bar."""
+        with contextlib.ExitStack() as stack:
+            yield _Deferred(lambda: stack.enter_context(self.task(description, total)))
 
 
 def reporter_for(reporter: Reporter | None = None, log: Log | None = None, progress: bool = True) -> Reporter:

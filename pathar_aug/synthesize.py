@@ -242,11 +242,11 @@ def synthesize_into(
     known = manifest.batches.get(batch) if manifest else None
     if known is None or "reproducibility" in known["settings"]:  # batches of older versions lack the note
         settings = {**settings, "reproducibility": REPRODUCIBILITY}  # recorded, not part of the batch tag
-    with reporter.task("synthesize", total=len(labels)) as task:
+    with reporter.deferred_task("synthesize", total=len(labels)) as task:
         report = write_chunks(dataset, [names[start:start + batch_size] for start in starts], make_chunk,
                               settings=settings, batch=batch, commit_every=batch_size,
                               labels={name: generator.label_names[li] for name, li in zip(names, labels)},
-                              on_chunk=task.advance)
+                              on_chunk=task.advance, on_start=task.start)
     # chunks found complete were not even generated: count this batch's cases in the manifest
     committed = committed_ids(dataset, batch)
     result.new, result.present = len(report.written), len(committed) - len(report.written)

@@ -1,6 +1,7 @@
 """What the evaluation's small networks share: the one training loop, the fingerprint, the file."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 from typing import Any, Callable
@@ -10,6 +11,22 @@ from torch import nn
 
 from ..reporter import Reporter
 from ..training import make_adamw, save_checkpoint
+
+
+# what configures every small network here; each network has its own defaults (``net_config``)
+NET_CONFIG_FIELDS = ("image_size", "crop", "width", "steps", "batch_size", "lr", "weight_decay", "val_fraction", "seed")
+
+
+def net_config(name: str, doc: str, module: str, **defaults: Any) -> type:
+    """A frozen config dataclass with the ``NET_CONFIG_FIELDS``, given defaults for every one:
+    patches are resized to ``image_size`` and trained on random ``crop`` crops for ``steps`` steps
+    of ``batch_size``; ``width`` sizes the network; ``val_fraction`` of the pairs is held out."""
+    if sorted(defaults) != sorted(NET_CONFIG_FIELDS):
+        raise TypeError(f"{name} needs a default for each of {', '.join(NET_CONFIG_FIELDS)}")
+    fields = [(k, type(defaults[k]), dataclasses.field(default=defaults[k])) for k in NET_CONFIG_FIELDS]
+    cls = dataclasses.make_dataclass(name, fields, frozen=True, namespace={"__doc__": doc})
+    cls.__module__ = module
+    return cls
 
 
 def train_steps(net: nn.Module, loss_of_batch: Callable[[torch.Generator], torch.Tensor], steps: int, lr: float,

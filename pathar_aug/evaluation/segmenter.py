@@ -7,7 +7,6 @@ real pairs (``val_dice``, or a "real held-out" set) is the ceiling to read gener
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -20,23 +19,14 @@ from ..device import resolve_device
 from ..metrics import binary_dice
 from ..reporter import Reporter, reporter_for
 from ..tokenizer import dice_loss
-from .fitting import fingerprint, save_net, train_steps
+from .fitting import fingerprint, net_config, save_net, train_steps
 from .images import Pair, as_mask, as_uint8_rgb, batched, images_to_tensor
 
 
-@dataclass(frozen=True)
-class SegmenterConfig:
-    # sized for a CPU: 300 steps of 8 random 64 px crops (of patches resized to 128 px) take about
-    # a minute on two idle cores; the network is fully convolutional, so it predicts whole patches
-    image_size: int = 128
-    crop: int = 64
-    width: int = 12
-    steps: int = 300
-    batch_size: int = 8
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-    val_fraction: float = 0.15
-    seed: int = 0
+# sized for a CPU: 300 steps of 8 random 64 px crops (of patches resized to 128 px) take about a
+# minute on two idle cores; the network is fully convolutional, so it predicts whole patches
+SegmenterConfig = net_config("SegmenterConfig", "How the agreement segmenter is trained.", __name__, image_size=128, crop=64,
+                             width=12, steps=300, batch_size=8, lr=3e-3, weight_decay=1e-4, val_fraction=0.15, seed=0)
 
 
 def _norm(c: int) -> nn.GroupNorm:

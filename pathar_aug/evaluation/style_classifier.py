@@ -7,7 +7,6 @@ patches is stored with it: a Style Score is only meaningful next to that ceiling
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -18,23 +17,15 @@ from torch import nn
 
 from ..device import resolve_device
 from ..reporter import Reporter, reporter_for
-from .fitting import fingerprint, save_net, train_steps
+from .fitting import fingerprint, net_config, save_net, train_steps
 from .images import as_uint8_rgb, batched, images_to_tensor
 
 
-@dataclass(frozen=True)
-class StyleClassifierConfig:
-    # sized for a CPU: 200 steps of 32 random 48 px crops (of patches resized to 64 px) take under
-    # a minute on two idle cores; global pooling lets it classify whole 64 px patches afterwards
-    image_size: int = 64
-    crop: int = 48
-    width: int = 16
-    steps: int = 200
-    batch_size: int = 32
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    val_fraction: float = 0.2
-    seed: int = 0
+# sized for a CPU: 200 steps of 32 random 48 px crops (of patches resized to 64 px) take under a
+# minute on two idle cores; global pooling lets it classify whole 64 px patches afterwards
+StyleClassifierConfig = net_config("StyleClassifierConfig", "How the Style-Score classifier is trained.", __name__,
+                                   image_size=64, crop=48, width=16, steps=200, batch_size=32, lr=2e-3,
+                                   weight_decay=1e-4, val_fraction=0.2, seed=0)
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
