@@ -30,8 +30,9 @@ def save_grid(rows: list[list[np.ndarray]], path: str | Path, gap: int = 2, name
     tiles = [np.asarray(t) for row in rows for t in row]
     h, w = tiles[0].shape[:2] if tiles else (1, 1)
     left = head if names is not None else 0
+    end = gap if names is not None else 0  # a named grid keeps a gap after its last row and column
     ncol = max(1, max((len(r) for r in rows), default=1))
-    canvas = np.full((len(rows) * (h + gap) - gap, left + ncol * (w + gap) - gap, 3), 255, np.uint8)
+    canvas = np.full((len(rows) * (h + gap) - gap + end, left + ncol * (w + gap) - gap + end, 3), 255, np.uint8)
     for i, row in enumerate(rows):
         for j, tile in enumerate(row):
             x = left + j * (w + gap)
