@@ -35,7 +35,7 @@ import torch
 from benchmarks.common import DSB_ROOT, RESULTS, WORK, dsb2018_labels_csv, dsb2018_run
 from pathar_aug.device import resolve_device
 from pathar_aug.evaluation import EvalConfig
-from pathar_aug.evaluation.report import _safe
+from pathar_aug.evaluation.report import grid_name
 from pathar_aug.evaluation.run import evaluate_run
 from pathar_aug.sampler import SamplingConfig
 
@@ -77,7 +77,7 @@ def main() -> None:
     shutil.copyfile(out / "metrics.csv", RESULTS / "generation_quality.csv")
     shutil.copyfile(out / "scale_check.csv", RESULTS / "generation_quality_scale_check.csv")
     for label in result.metadata["labels"]:
-        shutil.copyfile(out / f"grid_{_safe(label)}.png", RESULTS / f"generation_quality_grid_{_safe(label)}.png")
+        shutil.copyfile(out / f"grid_{grid_name(label)}.png", RESULTS / f"generation_quality_grid_{grid_name(label)}.png")
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     run_note = "\n".join([
         "", "## Run", "",

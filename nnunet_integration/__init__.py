@@ -1,13 +1,15 @@
-"""The nnU-Net v2 side of pathar-aug, shared by the CLI and the benchmarks.
+"""The nnU-Net v2 side of pathar-aug, shared by the CLI and the benchmarks (it imports nothing of pathar_aug).
 
 - ``paths``: resolve ``--into`` (id / name / path) to a raw dataset folder, create it if asked.
-- ``dataset``: write synthetic image-mask pairs (kill-safe), list real / synthetic cases.
-- ``manifest``: the record of synthetic cases beside dataset.json.
+- ``dataset``: every write into a dataset (real pairs, synthetic pairs; kill-safe, one lock).
+- ``cases``: read a dataset: its cases, real / synthetic, their condition labels, committed ids.
+- ``manifest``: the record of synthetic cases beside dataset.json (and of real cases' labels).
+- ``names``: the one name sanitiser (case-name parts, file names).
 - ``clean``: remove exactly the synthetic cases, restore dataset.json and splits.
 - ``splits``: splits_final.json with real-only validation (nnU-Net's folds, or custom ones).
 - ``plans``: a smaller network for CPU training.
 - ``trainer``: a short-schedule nnUNetTrainer subclass.
-- ``runner``: verify, plan + preprocess, train a fold, predict, Dice (imports torch).
+- ``runner``: verify, plan + preprocess, train a fold, predict (imports torch).
 
 Names are imported lazily so that ``import nnunet_integration`` does not pull in torch.
 """
@@ -22,12 +24,18 @@ _EXPORTS = {
     "DatasetResolutionError": "paths",
     "make_dataset_json": "paths",
     "write_cases": "dataset",
+    "write_chunks": "dataset",
+    "write_real_cases": "dataset",
+    "SyntheticCasesPresent": "dataset",
+    "case_labels": "cases",
+    "committed_ids": "cases",
+    "safe_name": "names",
     "recover": "dataset",
-    "list_cases": "dataset",
-    "real_cases": "dataset",
-    "synthetic_cases": "dataset",
-    "check_compatible": "dataset",
-    "IncompatibleDatasetError": "dataset",
+    "list_cases": "cases",
+    "real_cases": "cases",
+    "synthetic_cases": "cases",
+    "check_compatible": "cases",
+    "IncompatibleDatasetError": "cases",
     "WriteReport": "dataset",
     "load_manifest": "manifest",
     "MANIFEST_NAME": "manifest",
@@ -49,7 +57,6 @@ _EXPORTS = {
     "train_fold": "runner",
     "model_folder": "runner",
     "predict": "runner",
-    "dice": "runner",
     "DatasetIntegrityError": "runner",
 }
 

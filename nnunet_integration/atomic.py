@@ -10,7 +10,7 @@ import errno
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 TMP_SUFFIX = ".tmp"  # never ends in an image ending, so nnU-Net's folder scan ignores it
 
@@ -35,21 +35,34 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_tmp(path: Path, data: bytes) -> Path:
-    """Write ``data`` fully and durably to ``path``'s temporary sibling; return that sibling."""
+def write_tmp(path: Path, data: bytes | Callable[[BinaryIO], Any]) -> Path:
+    """Write ``data`` (bytes, or a function writing to an open binary file) fully and durably to
+    ``path``'s temporary sibling; return that sibling."""
     tmp = tmp_path_for(path)
     with open(tmp, "wb") as f:
-        f.write(data)
+        if callable(data):
+            data(f)
+        else:
+            f.write(data)
         f.flush()
         os.fsync(f.fileno())
     return tmp
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data`` in one rename: readers see the old or the new file, never a mix."""
+def atomic_write_bytes(path: Path, data: bytes | Callable[[BinaryIO], Any]) -> None:
+    """Replace ``path`` by ``data`` in one rename: readers see the old or the new file, never a mix.
+
+    ``data`` may be a function that writes to the open temporary file (``torch.save``, ``np.save``,
+    ``Image.save`` with an explicit format), so every kind of file is published the same way.
+    """
+    path = Path(path)
     tmp = write_tmp(path, data)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def json_bytes(obj: Any) -> bytes:

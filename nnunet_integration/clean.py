@@ -12,7 +12,7 @@ from nnunet_integration.atomic import (
     tmp_path_for,
     unlink_if_present,
 )
-from nnunet_integration.dataset import _remove_case_files, _write_listing, read_dataset_json
+from nnunet_integration.dataset import read_dataset_json, remove_case_files, write_listing
 from nnunet_integration.manifest import SYNTHETIC_PREFIX, load_manifest, manifest_path
 from nnunet_integration.paths import preprocessed_dir
 from nnunet_integration.splits import SPLITS_NAME
@@ -69,10 +69,10 @@ def clean_synthetic(dataset_dir: Path, nnunet_preprocessed: Path | str | None = 
         dj, _ = read_dataset_json(dataset_dir)
         if "dataset" in dj and names & set(dj["dataset"]):
             dj["dataset"] = {k: v for k, v in dj["dataset"].items() if k not in names}
-            _write_listing(dataset_dir, dj)
+            write_listing(dataset_dir, dj)
         # 2. their files (and any half-written temporaries)
         for name in sorted(names):
-            report.removed_files += _remove_case_files(dataset_dir, name)
+            report.removed_files += remove_case_files(dataset_dir, name)
         report.removed_cases = sorted(names)
         # 3. dataset.json exactly as it was (its plain imagesTr scan now finds only real cases)
         atomic_write_bytes(dataset_dir / "dataset.json", manifest.original_dataset_json.encode("utf-8"))

@@ -1,4 +1,9 @@
-"""Writing synthetic image-mask pairs into an nnU-Net v2 raw dataset, safe against ``kill -9``.
+"""Writing image-mask pairs into an nnU-Net v2 raw dataset, safe against ``kill -9``: the one writer.
+
+Every write into a dataset goes through this module under one lock (``atomic.exclusive_dir_lock``):
+``write_real_cases`` (real pairs, before any synthetic one), ``write_cases`` (synthetic pairs, with
+the manifest) and ``write_chunks`` (synthetic pairs made chunk by chunk, finished chunks skipped).
+Reading and checks live in ``cases``.
 
 Layout (what ``nnunetv2.imageio.natural_image_reader_writer.NaturalImage2DIO`` reads for 2D RGB):
 ``imagesTr/<case>_0000.png`` one 8-bit RGB file holding the 3 channels, ``labelsTr/<case>.png``
@@ -23,13 +28,10 @@ pending cases whose two files are complete and deletes the rest.
 """
 from __future__ import annotations
 
-import io
 import json
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -42,7 +44,20 @@ from nnunet_integration.atomic import (
     unlink_if_present,
     write_tmp,
 )
+from nnunet_integration.cases import (  # noqa: F401 - re-exported: the reading side of a dataset
+    IncompatibleDatasetError,
+    case_labels,
+    check_compatible,
+    committed_ids,
+    list_cases,
+    png_bytes,
+    prepare_pair,
+    read_dataset_json,
+    real_cases,
+    synthetic_cases,
+)
 from nnunet_integration.manifest import (
+    CASE_CONDITION,
     CASE_SCORES,
     COMMITTED,
     PENDING,
@@ -50,127 +65,18 @@ from nnunet_integration.manifest import (
     Manifest,
     ManifestError,
     case_files,
+    check_batch_tag,
+    json_safe,
     load_manifest,
+    save_labels,
     save_manifest,
     settings_batch_tag,
     synthetic_case_name,
-    check_batch_tag,
-    json_safe,
 )
-from nnunet_integration.paths import FILE_ENDING, IMAGE_READER
 
 Case = tuple[str, np.ndarray, np.ndarray]
 # a case may carry a 4th element: its quality scores, recorded in the manifest (``CASE_SCORES``)
 ScoredCase = tuple[str, np.ndarray, np.ndarray, Mapping[str, Any]]
-
-
-class IncompatibleDatasetError(ValueError):
-    """The dataset's dataset.json does not describe the files this tool writes."""
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def read_dataset_json(dataset_dir: Path) -> tuple[dict[str, Any], str]:
-    """(parsed, exact text) of ``dataset_dir/dataset.json``."""
-    path = Path(dataset_dir) / "dataset.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; is {dataset_dir} an nnU-Net raw dataset?")
-    text = path.read_text(encoding="utf-8")
-    return json.loads(text), text
-
-
-def list_cases(dataset_dir: Path, dataset_json: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """Every training case nnU-Net sees: ``{case: {"images": [...], "label": ...}}``, paths as written.
-
-    Mirrors ``nnunetv2.utilities.utils.get_filenames_of_train_images_and_targets`` (the ``dataset``
-    list if present, else the imagesTr scan of ``get_identifiers_from_splitted_dataset_folder``)
-    without its 12-process pool.
-    """
-    dataset_dir = Path(dataset_dir)
-    dj = dataset_json if dataset_json is not None else read_dataset_json(dataset_dir)[0]
-    if "dataset" in dj:
-        return {k: {"images": list(v["images"]), "label": v["label"]} for k, v in dj["dataset"].items()}
-    ending = dj["file_ending"]
-    images_dir = dataset_dir / "imagesTr"
-    files = sorted(f for f in os.listdir(images_dir) if f.endswith(ending) and (images_dir / f).is_file())
-    crop = len(ending) + 5  # nnU-Net strips "_XXXX<ending>"
-    identifiers = sorted(set(f[:-crop] for f in files))
-    cases = {}
-    for ident in identifiers:
-        pattern = re.compile(re.escape(ident) + r"_\d\d\d\d" + re.escape(ending))
-        cases[ident] = {
-            "images": [f"imagesTr/{f}" for f in files if pattern.fullmatch(f)],
-            "label": f"labelsTr/{ident}{ending}",
-        }
-    return cases
-
-
-def real_cases(dataset_dir: Path) -> list[str]:
-    """Cases of the dataset that this tool did not add, sorted."""
-    manifest = load_manifest(dataset_dir)
-    synthetic = set(manifest.cases) if manifest else set()
-    return sorted(c for c in list_cases(dataset_dir) if c not in synthetic)
-
-
-def synthetic_cases(dataset_dir: Path) -> list[str]:
-    """Synthetic cases that are part of the dataset now (committed), sorted."""
-    manifest = load_manifest(dataset_dir)
-    if manifest is None:
-        return []
-    listed = list_cases(dataset_dir)
-    return sorted(c for c in manifest.names(COMMITTED) if c in listed)
-
-
-# ----------------------------------------------------------------------------- checks
-
-
-def check_compatible(dataset_json: Mapping[str, Any]) -> None:
-    """Refuse datasets whose dataset.json would not read the 3-channel PNG cases written here."""
-    problems = []
-    if dataset_json.get("file_ending") != FILE_ENDING:
-        problems.append(f"file_ending is {dataset_json.get('file_ending')!r}, cases are written as {FILE_ENDING!r}")
-    channels = dataset_json.get("channel_names", dataset_json.get("modality"))
-    if not isinstance(channels, Mapping) or len(channels) != 3:
-        n = len(channels) if isinstance(channels, Mapping) else "no"
-        problems.append(f"channel_names has {n} entries, one RGB file gives 3 channels")
-    labels = dataset_json.get("labels")
-    if not isinstance(labels, Mapping) or not all(isinstance(v, int) for v in labels.values()):
-        problems.append("labels must map names to single integers (region labels are not supported)")
-    elif not {0, 1} <= set(labels.values()):
-        problems.append(f"labels {dict(labels)} lack background 0 and nucleus 1")
-    reader = dataset_json.get("overwrite_image_reader_writer")
-    if reader not in (None, "None", IMAGE_READER):
-        problems.append(f"overwrite_image_reader_writer is {reader!r}; RGB PNGs need {IMAGE_READER}")
-    if problems:
-        raise IncompatibleDatasetError("dataset.json does not match the cases to write: " + "; ".join(problems))
-
-
-def prepare_pair(name: str, image: Any, mask: Any) -> tuple[np.ndarray, np.ndarray]:
-    image = np.asarray(image)
-    mask = np.asarray(mask)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
-        raise ValueError(f"{name}: image must be uint8 of shape (H, W, 3), got {image.dtype} {image.shape}")
-    if mask.ndim != 2 or mask.shape != image.shape[:2]:
-        raise ValueError(f"{name}: mask must have shape {image.shape[:2]} (H, W), got {mask.shape}")
-    if mask.dtype == bool:
-        return image, mask.astype(np.uint8)
-    if not np.issubdtype(mask.dtype, np.integer):
-        raise ValueError(f"{name}: mask must be bool or integer, got {mask.dtype}")
-    values = set(np.unique(mask).tolist())
-    if values <= {0, 1}:
-        return image, mask.astype(np.uint8)
-    if values <= {0, 255}:  # common PNG mask convention; nnU-Net needs consecutive labels 0/1
-        return image, (mask == 255).astype(np.uint8)
-    raise ValueError(f"{name}: mask values must be 0/1 (or 0/255), found {sorted(values)[:10]}")
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG")  # uint8: HxWx3 -> RGB, HxW -> L
-    return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------- state changes
@@ -185,7 +91,7 @@ def _with_listing(dataset_dir: Path, dj: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _write_listing(dataset_dir: Path, dj: dict[str, Any]) -> None:
+def write_listing(dataset_dir: Path, dj: dict[str, Any]) -> None:
     dj["numTraining"] = len(dj["dataset"])
     atomic_write_json(Path(dataset_dir) / "dataset.json", dj)
 
@@ -197,10 +103,10 @@ def _commit(dataset_dir: Path, dj: dict[str, Any], names: list[str]) -> None:
     for name in names:
         image, label = case_files(name)
         dj["dataset"][name] = {"images": [image], "label": label}
-    _write_listing(dataset_dir, dj)
+    write_listing(dataset_dir, dj)
 
 
-def _remove_case_files(dataset_dir: Path, name: str) -> int:
+def remove_case_files(dataset_dir: Path, name: str) -> int:
     removed = 0
     for rel in case_files(name):
         path = dataset_dir / rel
@@ -222,7 +128,7 @@ def _recover(dataset_dir: Path, manifest: Manifest, dj: dict[str, Any]) -> tuple
         elif "dataset" in dj and all(f.is_file() for f in files):  # both files published completely
             to_commit.append(name)
         else:
-            _remove_case_files(dataset_dir, name)
+            remove_case_files(dataset_dir, name)
             removed.append(name)
     if to_commit:
         _commit(dataset_dir, dj, to_commit)
@@ -285,12 +191,12 @@ def write_cases(
     settings: Mapping[str, Any] | None = None,
     batch: str | None = None,
     commit_every: int = 32,
-    progress: bool = False,
-    total: int | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> WriteReport:
     """Add synthetic ``(case_id, image uint8 HxWx3, mask HxW)`` pairs to an nnU-Net raw dataset.
 
-    A case may carry a fourth element, a dict of its quality scores, kept in its manifest entry.
+    A case may carry a fourth element, a dict of its quality scores, kept in its manifest entry;
+    ``labels`` (case id -> condition label) are kept there too.
 
     Files follow ``NaturalImage2DIO``'s 2D layout (see module docstring); each case is stored as
     ``pathar_<batch>_<case_id>``. ``settings`` (model, checkpoint, sampling ...) is recorded per
@@ -337,54 +243,42 @@ def write_cases(
         if "dataset" not in dj:
             # a listing must exist before the first synthetic file appears in imagesTr
             dj = _with_listing(dataset_dir, dj)
-            _write_listing(dataset_dir, dj)
+            write_listing(dataset_dir, dj)
         report.recovered, report.removed_leftovers = _recover(dataset_dir, manifest, dj)
         known = set(dj["dataset"])
 
-        bar = None
-        if progress:
-            from pathar_aug.training import progress_bar
+        seen: set[str] = set()
+        staged: list[_Staged] = []
 
-            bar = progress_bar()
-            bar.start()
-            task = bar.add_task("writing cases", total=total, info="")
-        try:
-            seen: set[str] = set()
-            staged: list[tuple[str, bytes, bytes, Mapping[str, Any] | None]] = []
+        def flush() -> None:
+            if staged:
+                _write_chunk(dataset_dir, manifest, dj, batch, staged)
+                report.written.extend(s[0] for s in staged)
+                known.update(s[0] for s in staged)
+                staged.clear()
 
-            def flush() -> None:
-                if staged:
-                    _write_chunk(dataset_dir, manifest, dj, batch, staged)
-                    report.written.extend(s[0] for s in staged)
-                    known.update(s[0] for s in staged)
-                    staged.clear()
-
-            for case in cases:
-                case_id, image, mask = case[:3]
-                scores = case[3] if len(case) > 3 else None
-                name = synthetic_case_name(batch, case_id)
-                if name in seen:
-                    raise ValueError(f"case id {case_id!r} appears twice")
-                seen.add(name)
-                if manifest.cases.get(name, {}).get("state") == COMMITTED:
-                    report.skipped.append(name)
-                elif name in known:
-                    raise FileExistsError(f"case {name} already exists in {dataset_dir} and is not synthetic")
-                else:
-                    for rel in case_files(name):
-                        if (dataset_dir / rel).exists():
-                            raise FileExistsError(f"{dataset_dir / rel} exists and is not ours; refusing to overwrite")
-                    image, mask = prepare_pair(name, image, mask)
-                    # only the encoded PNGs are kept until the commit, not the arrays
-                    staged.append((name, png_bytes(image), png_bytes(mask), scores))
-                    if len(staged) >= _chunk_size(commit_every, len(known)):
-                        flush()
-                if bar is not None:
-                    bar.update(task, advance=1, info=f"{len(report.written) + len(staged)} new")
-            flush()
-        finally:
-            if bar is not None:
-                bar.stop()
+        for case in cases:
+            case_id, image, mask = case[:3]
+            scores = case[3] if len(case) > 3 else None
+            name = synthetic_case_name(batch, case_id)
+            if name in seen:
+                raise ValueError(f"case id {case_id!r} appears twice")
+            seen.add(name)
+            if manifest.cases.get(name, {}).get("state") == COMMITTED:
+                report.skipped.append(name)
+            elif name in known:
+                raise FileExistsError(f"case {name} already exists in {dataset_dir} and is not synthetic")
+            else:
+                for rel in case_files(name):
+                    if (dataset_dir / rel).exists():
+                        raise FileExistsError(f"{dataset_dir / rel} exists and is not ours; refusing to overwrite")
+                image, mask = prepare_pair(name, image, mask)
+                # only the encoded PNGs are kept until the commit, not the arrays
+                label = labels.get(case_id) if labels is not None else None
+                staged.append((name, png_bytes(image), png_bytes(mask), scores, label))
+                if len(staged) >= _chunk_size(commit_every, len(known)):
+                    flush()
+        flush()
         report.num_training = dj["numTraining"]
         return report
 
@@ -395,22 +289,129 @@ def _chunk_size(commit_every: int, num_cases: int) -> int:
     return max(commit_every, min(256, num_cases // 32))
 
 
-def _write_chunk(
-    dataset_dir: Path, manifest: Manifest, dj: dict[str, Any], batch: str,
-    staged: list[tuple[str, bytes, bytes, Mapping[str, Any] | None]]
-) -> None:
-    for name, _, _, scores in staged:  # 1. registered before any of its files exists
+# a case ready to be written: (name, image PNG, label PNG, scores or None, condition label or None)
+_Staged = tuple[str, bytes, bytes, "Mapping[str, Any] | None", "str | None"]
+
+
+def _write_chunk(dataset_dir: Path, manifest: Manifest, dj: dict[str, Any], batch: str, staged: list[_Staged]) -> None:
+    for name, _, _, scores, condition in staged:  # 1. registered before any of its files exists
         image, label = case_files(name)
         manifest.cases[name] = {"batch": batch, "state": PENDING, "image": image, "label": label}
+        if condition is not None:
+            manifest.cases[name][CASE_CONDITION] = condition
         if scores is not None:
             manifest.cases[name][CASE_SCORES] = json_safe(scores)
     save_manifest(dataset_dir, manifest)
-    for name, image_png, label_png, _ in staged:  # 2. label first: an image never lacks its label
-        image, label = case_files(name)
-        for rel, data in ((label, label_png), (image, image_png)):
-            final = dataset_dir / rel
-            publish_no_clobber(write_tmp(final, data), final)
+    for name, image_png, label_png, *_ in staged:  # 2. label first: an image never lacks its label
+        _publish_pair(dataset_dir, name, image_png, label_png)
     _commit(dataset_dir, dj, [s[0] for s in staged])  # 3. the commit point
     for name, *_ in staged:  # 4.
         manifest.cases[name]["state"] = COMMITTED
     save_manifest(dataset_dir, manifest)
+
+
+def _publish_pair(dataset_dir: Path, name: str, image_png: bytes, label_png: bytes) -> list[Path]:
+    """Label first, then image, each linked into place without replacing anything; returns both paths."""
+    image, label = case_files(name)
+    published = []
+    for rel, data in ((label, label_png), (image, image_png)):
+        final = dataset_dir / rel
+        publish_no_clobber(write_tmp(final, data), final)
+        published.append(final)
+    return published
+
+
+def write_chunks(
+    dataset_dir: Path,
+    chunks: Sequence[Sequence[str]],
+    make_chunk: Callable[[int], Iterable[Case | ScoredCase]],
+    settings: Mapping[str, Any],
+    batch: str,
+    commit_every: int = 32,
+    labels: Mapping[str, str] | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+    on_start: Callable[[], None] | None = None,
+) -> WriteReport:
+    """``write_cases`` for pairs made chunk by chunk: ``chunks`` lists each chunk's case ids and
+    ``make_chunk(c)`` makes chunk ``c``'s cases. A chunk whose every case is already committed in
+    ``batch`` is not made at all, so a rerun of a killed call only makes what is missing.
+    ``on_chunk(n)`` is told the size of each chunk once it is done or skipped; ``on_start()`` is
+    called once the dataset's lock is held, before the first chunk."""
+    done = committed_ids(dataset_dir, batch)
+
+    def cases() -> Iterable[Case | ScoredCase]:
+        if on_start is not None:
+            on_start()
+        for c, ids in enumerate(chunks):
+            if not all(i in done for i in ids):
+                yield from make_chunk(c)
+            if on_chunk is not None:
+                on_chunk(len(ids))
+
+    return write_cases(dataset_dir, cases(), settings=settings, batch=batch, commit_every=commit_every,
+                       labels=labels)
+
+
+class SyntheticCasesPresent(IncompatibleDatasetError):
+    """Real cases cannot be added to a dataset that already holds synthetic ones."""
+
+    def __init__(self, dataset_dir: Path, missing: list[str]):
+        super().__init__(f"{dataset_dir} holds synthetic cases; real cases must be written before them")
+        self.missing = missing
+
+
+def write_real_cases(
+    dataset_dir: Path,
+    cases: Sequence[Case],
+    labels: Mapping[str, str] | None = None,
+    resume: bool = False,
+    sources: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Write real ``(name, image uint8 HxWx3, mask HxW)`` pairs as plain cases; returns the names written.
+
+    Every pair is checked before a file is written, and no file is ever replaced: a case whose
+    name or files exist already is an error (``sources``, name -> where the pair came from, is
+    named in it). With ``resume`` the cases the dataset lists already are skipped, and the files
+    of a case it does not list yet (left by a killed call) are written again. Real cases come
+    before synthetic ones (``SyntheticCasesPresent`` otherwise). A failed call takes back the
+    files it wrote; numTraining (and the ``dataset`` listing, when there is one) is updated in
+    one rename of dataset.json at the end. ``labels`` (name -> condition label) are recorded in
+    ``pathar_aug_labels.json``.
+    """
+    dataset_dir = Path(dataset_dir)
+    sources = sources or {}
+    with exclusive_dir_lock(dataset_dir, "writing"):
+        dj, _ = read_dataset_json(dataset_dir)
+        check_compatible(dj)
+        listed = set(list_cases(dataset_dir, dj))
+        todo = [c for c in cases if c[0] not in listed] if resume else list(cases)
+        if todo or not resume:
+            if load_manifest(dataset_dir) is not None:
+                raise SyntheticCasesPresent(dataset_dir, [c[0] for c in todo])
+            for name, *_ in todo:
+                if name in listed or (not resume and any((dataset_dir / rel).exists() for rel in case_files(name))):
+                    where = f"{sources[name]}: " if name in sources else ""
+                    raise FileExistsError(f"{where}case '{name}' already exists in {dataset_dir}; nothing was written")
+            prepared = [(name, *prepare_pair(name, image, mask)) for name, image, mask in todo]
+            published: list[Path] = []
+            try:
+                for name, image, mask in prepared:
+                    if resume:  # leftovers of a killed call: never listed, so never read
+                        remove_case_files(dataset_dir, name)
+                    published += _publish_pair(dataset_dir, name, png_bytes(image), png_bytes(mask))
+            except BaseException:  # a full disk or a kill signal: take back what this call wrote
+                for path in published:
+                    unlink_if_present(path)
+                for name, *_ in prepared:
+                    for rel in case_files(name):
+                        unlink_if_present(tmp_path_for(dataset_dir / rel))
+                raise
+            if "dataset" in dj:
+                for name, *_ in prepared:
+                    image_rel, label_rel = case_files(name)
+                    dj["dataset"][name] = {"images": [image_rel], "label": label_rel}
+            dj["numTraining"] = len(list_cases(dataset_dir, dj))
+            atomic_write_json(dataset_dir / "dataset.json", dj)
+        if labels:
+            save_labels(dataset_dir, labels)
+    return [c[0] for c in todo]

@@ -5,9 +5,13 @@
 - one entry per batch: who made it (a free ``settings`` dict: model, checkpoint, sampling ...),
 - one entry per synthetic case with its files and state: ``pending`` (registered, files may be
   partly written, not yet in dataset.json) or ``committed`` (listed in dataset.json),
-  and, when the quality filter chose it, its ``scores`` (image-mask agreement, foreground share,
-  empty / full, the threshold it passed),
+  its ``condition`` label (the modality / organ label it was generated for) and, when the quality
+  filter chose it, its ``scores`` (image-mask agreement, foreground share, empty / full, the
+  threshold it passed),
 - the splits file it changed and that file's original text (``None``: it did not exist).
+
+Real cases written by this tool have their condition labels in ``pathar_aug_labels.json`` beside it
+(``load_labels``), so that every case's label is data, never parsed back out of its name.
 
 Invariant kept at every instant: every synthetic case in dataset.json and every synthetic file on
 disk is in the manifest, so ``clean_synthetic`` can always remove exactly what was added.
@@ -26,6 +30,7 @@ from nnunet_integration.atomic import atomic_write_json
 from nnunet_integration.paths import FILE_ENDING
 
 MANIFEST_NAME = "pathar_aug_manifest.json"
+LABELS_NAME = "pathar_aug_labels.json"  # {real case: condition label}
 FORMAT = "pathar-aug synthetic case manifest"
 VERSION = 1
 
@@ -37,6 +42,7 @@ _CASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,99}$")
 
 PENDING, COMMITTED = "pending", "committed"
 CASE_SCORES = "scores"  # optional per-case data: the quality filter's scores of the pair
+CASE_CONDITION = "condition"  # optional per-case data: the condition label the pair was made for
 
 
 class ManifestError(RuntimeError):
@@ -57,6 +63,14 @@ def check_case_id(case_id: str) -> str:
 
 def synthetic_case_name(batch: str, case_id: str) -> str:
     return f"{SYNTHETIC_PREFIX}{check_batch_tag(batch)}_{check_case_id(case_id)}"
+
+
+def synthetic_case_id(batch: str, name: str) -> str:
+    """The case id inside a synthetic case name of ``batch`` (the inverse of ``synthetic_case_name``)."""
+    prefix = f"{SYNTHETIC_PREFIX}{batch}_"
+    if not name.startswith(prefix):
+        raise ValueError(f"{name!r} is not a case of batch {batch!r}")
+    return name[len(prefix):]
 
 
 def settings_batch_tag(settings: Mapping[str, Any]) -> str:
@@ -148,3 +162,18 @@ def load_manifest(dataset_dir: Path) -> Manifest | None:
 
 def save_manifest(dataset_dir: Path, manifest: Manifest) -> None:
     atomic_write_json(manifest_path(dataset_dir), manifest.to_json())
+
+
+def load_labels(dataset_dir: Path) -> dict[str, str]:
+    """Condition labels of the real cases this tool wrote ({} when none were recorded)."""
+    path = Path(dataset_dir) / LABELS_NAME
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def save_labels(dataset_dir: Path, labels: Mapping[str, str]) -> None:
+    """Add ``labels`` to the recorded real-case labels (the file is rewritten only when they change)."""
+    known = load_labels(dataset_dir)
+    merged = {**known, **labels}
+    path = Path(dataset_dir) / LABELS_NAME
+    if merged != known or not path.is_file():
+        atomic_write_json(path, merged)

@@ -41,10 +41,6 @@ def parse_dataset_name(name: str) -> tuple[int, str]:
     return int(m.group(1)), m.group(2)
 
 
-def dataset_id_of(dataset_dir: Path) -> int:
-    return parse_dataset_name(Path(dataset_dir).name)[0]
-
-
 def raw_root(nnunet_raw: Path | str | None = None) -> Path:
     """The explicit raw folder, else ``$nnUNet_raw``; a clear error when neither is known."""
     if nnunet_raw is not None:

@@ -282,12 +282,3 @@ def predict(
         seg = predictor.predict_single_npy_array(_load_image(image), {"spacing": [999, 1, 1]})
         masks.append(np.asarray(seg)[0].astype(np.uint8))
     return masks
-
-
-def dice(pred: np.ndarray, gt: np.ndarray, label: int = 1) -> float:
-    """Dice of one label; 1.0 when both masks are empty (nothing to find, nothing found)."""
-    pred, gt = np.asarray(pred) == label, np.asarray(gt) == label
-    if pred.shape != gt.shape:
-        raise ValueError(f"shapes differ: {pred.shape} vs {gt.shape}")
-    denom = pred.sum() + gt.sum()
-    return 1.0 if denom == 0 else float(2.0 * np.logical_and(pred, gt).sum() / denom)

@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from pathar_aug.config import SamplingConfig
+
 console = Console(stderr=True)
 
 MANUAL = """
@@ -87,6 +89,29 @@ def _device(name: str):
     return device
 
 
+def _reporter(quiet: bool = False):
+    """The one reporter of a command: log lines and progress bars on the console."""
+    from pathar_aug.reporter import RichReporter
+
+    return RichReporter(console, progress=not quiet)
+
+
+# The sampling options, shared by every command that samples; their defaults are SamplingConfig's.
+_DEFAULT_SAMPLING = SamplingConfig()
+CFG_OPTION = typer.Option(_DEFAULT_SAMPLING.guidance, "--cfg", help="Classifier-free guidance scale (1 = none).")
+TEMPERATURE_OPTION = typer.Option(_DEFAULT_SAMPLING.temperature, help="Sampling temperature.")
+TOP_K_OPTION = typer.Option(_DEFAULT_SAMPLING.top_k, help="Keep the k most likely tokens (0 = off).")
+TOP_P_OPTION = typer.Option(_DEFAULT_SAMPLING.top_p, help="Nucleus sampling mass (1 = off).")
+BATCH_SIZE_OPTION = typer.Option(_DEFAULT_SAMPLING.batch_size, help="Images sampled together (memory grows with it).")
+
+
+def sampling_config(cfg: float, temperature: float, top_k: int, top_p: float, seed: int,
+                    batch_size: int) -> SamplingConfig:
+    """The SamplingConfig of the shared sampling options."""
+    return SamplingConfig(guidance=cfg, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                          batch_size=batch_size)
+
+
 def _typed_options(ctx: typer.Context, names: tuple[str, ...]) -> dict:
     """The options among ``names`` that were given on the command line (not left at their default)."""
     sources = {n: ctx.get_parameter_source(n) for n in names}
@@ -130,7 +155,7 @@ def train(
                                  {"steps": prior_steps, "batch_size": batch_size}, val_fraction, seed)
     given = _typed_options(ctx, ("images", "masks", "labels", "preset", "tokenizer_steps", "prior_steps", "batch_size",
                             "val_fraction", "seed")) if resume else None
-    train_run(out, settings, _device(device), resume=resume, show_progress=not quiet, log=console.print, given=given)
+    train_run(out, settings, _device(device), resume=resume, given=given, reporter=_reporter(quiet))
     console.print(f"\n[bold green]done[/bold green]: model in {out}  (preview: {out / 'samples_preview.png'})")
     console.print(f"next: pathar-aug synthesize --model {out} --into 501 --n 400")
 
@@ -145,13 +170,13 @@ def synthesize(
     label: Optional[str] = typer.Option(None, help="Condition label for every pair (default: spread over all labels)."),
     per_label: bool = typer.Option(False, "--per-label", help="Make --n pairs for each label."),
     masks_from: Optional[Path] = typer.Option(None, help="Render images for these masks (mask-conditioned) instead of sampling masks."),
-    cfg: float = typer.Option(1.5, "--cfg", help="Classifier-free guidance scale (1 = none)."),
-    temperature: float = typer.Option(0.85, help="Sampling temperature."),
-    top_k: int = typer.Option(100, help="Keep the k most likely tokens (0 = off)."),
-    top_p: float = typer.Option(0.92, help="Nucleus sampling mass (1 = off)."),
+    cfg: float = CFG_OPTION,
+    temperature: float = TEMPERATURE_OPTION,
+    top_k: int = TOP_K_OPTION,
+    top_p: float = TOP_P_OPTION,
     seed: int = typer.Option(0, help="Seed: the same settings, device and number of CPU threads give the same pairs "
                                      "(another thread count can change a few)."),
-    batch_size: int = typer.Option(32, help="Images sampled together (memory grows with it)."),
+    batch_size: int = BATCH_SIZE_OPTION,
     device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
     nnunet_raw: Optional[Path] = typer.Option(None, help="nnU-Net raw folder (default $nnUNet_raw)."),
     nnunet_preprocessed: Optional[Path] = typer.Option(None, help="nnU-Net preprocessed folder (default $nnUNet_preprocessed)."),
@@ -185,13 +210,14 @@ def synthesize(
     """
     from pathar_aug.synthesize import acceptance_lines, synthesize_into
 
+    reporter = _reporter()
     result = synthesize_into(model=model, into=into, n=n, label=label, per_label=per_label, masks_from=masks_from,
-                             guidance=cfg, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                             batch_size=batch_size, device=_device(device), nnunet_raw=nnunet_raw,
-                             nnunet_preprocessed=nnunet_preprocessed, log=console.print,
-                             quality_filter=quality_filter, oversample=oversample, min_agreement=min_agreement)
+                             sampling=sampling_config(cfg, temperature, top_k, top_p, seed, batch_size),
+                             device=_device(device), nnunet_raw=nnunet_raw, nnunet_preprocessed=nnunet_preprocessed,
+                             quality_filter=quality_filter, oversample=oversample, min_agreement=min_agreement,
+                             reporter=reporter)
     for line in acceptance_lines(result):
-        console.print(line)
+        reporter.log(line)
 
 
 # ------------------------------------------------------------------------------ import / clean
@@ -211,7 +237,7 @@ def import_(
     """
     from pathar_aug.synthesize import import_real
 
-    import_real(images, masks, into, labels, nnunet_raw, log=console.print)
+    import_real(images, masks, into, labels, nnunet_raw, reporter=_reporter())
 
 
 @app.command()
@@ -251,7 +277,7 @@ def demo(
     """
     from pathar_aug.demo import run_demo
 
-    run_demo(out, _device(device), tokenizer_steps, prior_steps, n, log=console.print)
+    run_demo(out, _device(device), tokenizer_steps, prior_steps, n, reporter=_reporter())
 
 
 # ----------------------------------------------------------------------------------- benchmark
@@ -313,7 +339,7 @@ def benchmark(
         schedule=schedule, epochs=epochs, iterations=iterations, batch_size=batch_size, unet_features=unet_features,
         unet_max_features=unet_max_features, curve=curve, instances=str(instances) if instances else None,
         model=str(model) if model else None, preset=preset.value)
-    paths = run_benchmark(settings, out, _device(device), log=console.print, show_progress=not quiet)
+    paths = run_benchmark(settings, out, _device(device), reporter=_reporter(quiet))
     console.print(f"\n[bold green]done[/bold green]: table {paths['md']}")
     console.print(paths["md"].read_text(), markup=False, highlight=False)
 
@@ -334,12 +360,12 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, help="Output folder (default: MODEL/evaluation): metrics.csv, metrics.md, scale_check.csv, grid_<label>.png."),
     cache: Optional[Path] = typer.Option(None, help="Cache folder for generated sets, features, classifier, segmenter (default: OUT/cache)."),
     references: bool = typer.Option(True, "--references/--no-references", help="Add the floor, tokenizer-reconstruction and weak-baseline rows."),
-    cfg: float = typer.Option(1.5, "--cfg", help="Classifier-free guidance scale (1 = none)."),
-    temperature: float = typer.Option(0.85, help="Sampling temperature."),
-    top_k: int = typer.Option(100, help="Keep the k most likely tokens (0 = off)."),
-    top_p: float = typer.Option(0.92, help="Nucleus sampling mass (1 = off)."),
+    cfg: float = CFG_OPTION,
+    temperature: float = TEMPERATURE_OPTION,
+    top_k: int = TOP_K_OPTION,
+    top_p: float = TOP_P_OPTION,
     seed: int = typer.Option(0, help="Seed for sampling and subsets: the same settings give the same numbers."),
-    batch_size: int = typer.Option(32, help="Images sampled together (memory grows with it)."),
+    batch_size: int = BATCH_SIZE_OPTION,
     classifier_steps: Optional[int] = typer.Option(None, help="Style-classifier training steps (default 200)."),
     segmenter_steps: Optional[int] = typer.Option(None, help="Agreement-segmenter training steps (default 300)."),
     kid_subsets: int = typer.Option(100, help="KID: number of random subsets."),
@@ -371,25 +397,24 @@ def evaluate(
     from pathar_aug.evaluation.run import evaluate_run
     from pathar_aug.evaluation.segmenter import SegmenterConfig
     from pathar_aug.evaluation.style_classifier import StyleClassifierConfig
-    from pathar_aug.sampler import SamplingConfig
 
     eval_cfg = EvalConfig(
         kid_subsets=kid_subsets, progress=not quiet, seed=seed,
         style=StyleClassifierConfig(**({"steps": classifier_steps} if classifier_steps is not None else {})),
         segmenter=SegmenterConfig(**({"steps": segmenter_steps} if segmenter_steps is not None else {})),
     )
-    sampling = SamplingConfig(guidance=cfg, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                              batch_size=batch_size)
+    sampling = sampling_config(cfg, temperature, top_k, top_p, seed, batch_size)
+    reporter = _reporter(quiet)
     result = evaluate_run(model=model, images=images, masks=masks, labels_csv=labels, out=out, n=n,
                           features=features or (), synthetic=synthetic, sampling=sampling, n_real=n_real or None,
                           references=references, config=eval_cfg, patch_size=patch_size,
                           lpips_weights=lpips_weights, lpips_linear=lpips_linear, cache_dir=cache,
-                          device=_device(device), log=console.print)
+                          device=_device(device), reporter=reporter)
     check = result.scale
     if not check.empty:
         for label, g in check.groupby("label", sort=False):
             verdicts = ", ".join(f"{v}: {k}" for v, k in g["verdict"].value_counts().items())
-            console.print(f"scale check {label}: {verdicts}")
+            reporter.log(f"scale check {label}: {verdicts}")
     console.print(f"\n[bold green]done[/bold green]: {result.out_dir / 'metrics.md'} (CSV, grids and scale_check.csv beside it)")
 
 

@@ -1,18 +1,33 @@
-"""Named presets for dataclass configs, with field overrides (LlamaGen style).
+"""Named presets for dataclass configs, with field overrides (LlamaGen style); the sampling settings.
 
 Every stage owns its config dataclass and a ``{name: config}`` preset table; this module only
 knows how to pick a preset and override fields by name, so CLI flags map onto config fields.
+``SamplingConfig`` lives here (no torch) so that the command line's options take its defaults.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
+from nnunet_integration.atomic import atomic_write_text
+
 C = TypeVar("C")
 
-PRESET_NAMES = ("tiny", "cpu", "paper")
+
+@dataclass
+class SamplingConfig:
+    """How the prior is sampled (``sampler.sample_tokens``); the defaults are the paper's settings."""
+
+    guidance: float = 1.5  # paper Fig. 7 optimum; 1.0 = plain conditional sampling (no doubling)
+    temperature: float = 0.85  # <= 0: greedy
+    top_k: int = 100  # <= 0: off
+    top_p: float = 0.92  # >= 1: off
+    batch_size: int = 32  # images per chunk; the forward batch is twice that with guidance
+    seed: int = 0
+    compile: bool = False  # torch.compile the step-independent part of the cached step (for CUDA)
 
 
 def from_preset(presets: Mapping[str, C], name: str, **overrides: Any) -> C:
@@ -47,7 +62,4 @@ def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
 
 def save_json(data: Any, path: str | Path) -> None:
     """Write JSON atomically (temp file + rename) so a killed run never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
+    atomic_write_text(Path(path), json.dumps(data, indent=2, sort_keys=False) + "\n")

@@ -16,6 +16,8 @@ import numpy as np
 from scipy import ndimage
 from skimage.metrics import contingency_table
 
+from pathar_aug.metrics import binary_dice
+
 
 def instances_from_binary(mask: np.ndarray) -> np.ndarray:
     """Connected components (4-connectivity, as nnU-Net-style semantic predictions are read) as ids 1..K."""
@@ -69,13 +71,6 @@ def panoptic_quality(gt: np.ndarray, pred: np.ndarray, iou_threshold: float = 0.
     tp = int(matched.sum())
     fp, fn = len(pred_area) - tp, len(gt_area) - tp
     return float(iou[matched].sum() / (tp + 0.5 * fp + 0.5 * fn))
-
-
-def binary_dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Dice of two masks (any positive value is foreground); 1.0 when both are empty."""
-    p, t = np.asarray(pred) > 0, np.asarray(gt) > 0
-    denom = int(p.sum() + t.sum())
-    return 1.0 if denom == 0 else float(2.0 * np.logical_and(p, t).sum() / denom)
 
 
 def tile_scores(pred: np.ndarray, gt_instances: np.ndarray) -> dict[str, float]:

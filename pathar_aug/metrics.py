@@ -1,25 +1,34 @@
-"""Reconstruction metrics: PSNR, Dice, codebook usage per label, and a token-resolution baseline."""
+"""Metrics: the one binary Dice, PSNR, and the tokenizer's reconstruction report (codebook usage per
+label, a token-resolution baseline)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pathar_aug.patches import PatchSet
 from pathar_aug.quantizer import codebook_usage
-from pathar_aug.tokenizer import DualVQTokenizer
+
+if TYPE_CHECKING:
+    from pathar_aug.patches import PatchSet
+    from pathar_aug.tokenizer import DualVQTokenizer
+
+
+def binary_dice(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> float:
+    """Dice of two masks, any positive value being foreground, pooled over all their pixels (a batch
+    of masks gives the pooled Dice); 1.0 when both are empty (nothing to find, nothing found)."""
+    p, t = np.asarray(pred) > 0, np.asarray(target) > 0
+    if p.shape != t.shape:
+        raise ValueError(f"mask shapes differ: {p.shape} vs {t.shape}")
+    denom = int(p.sum()) + int(t.sum())
+    return 1.0 if denom == 0 else float(2.0 * np.logical_and(p, t).sum() / denom)
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
     """PSNR in dB between two uint8 image batches, over all their pixels."""
     mse = F.mse_loss(x.float(), y.float()).item()
     return float("inf") if mse == 0 else 10.0 * torch.log10(torch.tensor(255.0 ** 2 / mse)).item()
-
-
-def dice(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """Pooled Dice of two binary batches (1.0 when both are empty)."""
-    pred, target = pred.bool(), target.bool()
-    denom = pred.sum().item() + target.sum().item()
-    return 1.0 if denom == 0 else 2.0 * (pred & target).sum().item() / denom
 
 
 def token_resolution_baseline(images: torch.Tensor, masks: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,10 +68,10 @@ def reconstruction_report(model: DualVQTokenizer, patches: PatchSet, device: tor
         report[label] = {
             "patches": len(part),
             "psnr": psnr(rec, part.images),
-            "mask_dice": dice(pred, part.masks),
+            "mask_dice": binary_dice(pred, part.masks),
             "usage_structure": codebook_usage(torch.cat(s_all), model.cfg.structure_codes),
             "usage_appearance": codebook_usage(torch.cat(a_all), model.cfg.appearance_codes),
             "baseline_psnr": psnr(base_img, part.images),
-            "baseline_mask_dice": dice(base_mask, part.masks),
+            "baseline_mask_dice": binary_dice(base_mask, part.masks),
         }
     return report

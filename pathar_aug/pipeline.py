@@ -28,6 +28,7 @@ from pathar_aug.ingest import MASK_SUFFIXES, IngestError, find_files, load_pairs
 from pathar_aug.patches import PatchSet, make_patches, split_by_image, tile_starts
 from pathar_aug.preview import save_grid, to_rgb_tiles
 from pathar_aug.prior import PRIOR_PRESETS, InterleavedPrior, PriorConfig
+from pathar_aug.reporter import Log, Reporter, reporter_for
 from pathar_aug.sampler import SamplingConfig, sample_tokens
 from pathar_aug.tokenizer import TOKENIZER_PRESETS, DualVQTokenizer, TokenizerConfig
 from pathar_aug.train_prior import load_prior, train_prior
@@ -63,6 +64,41 @@ class RunSettings:
     def from_json(cls, data: dict) -> "RunSettings":
         return cls(**{**data, "tokenizer": from_dict(TokenizerConfig, data["tokenizer"]),
                       "prior": from_dict(PriorConfig, data["prior"])})
+
+
+@dataclass
+class RunInfo:
+    """What ``run.json`` says about a finished data stage: the settings and the data summary
+    (``label_names``, ``heldout_sources``, image and patch counts)."""
+
+    run_dir: Path
+    settings: RunSettings
+    data: dict
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "RunInfo":
+        run_dir = Path(run_dir)
+        path = run_dir / RUN_FILE
+        if not path.exists():
+            raise RunError(f"{run_dir} is not a pathar-aug run folder (no {RUN_FILE}); train one with `pathar-aug train`")
+        raw = json.loads(path.read_text())
+        return cls(run_dir, RunSettings.from_json(raw["settings"]), raw.get("data", {}))
+
+    @classmethod
+    def find(cls, run_dir: str | Path | None) -> "RunInfo | None":
+        """The run's info, or None where there is no run.json (yet)."""
+        return cls.load(run_dir) if run_dir is not None and (Path(run_dir) / RUN_FILE).exists() else None
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.data["label_names"]
+
+    @property
+    def heldout_sources(self) -> list[str]:
+        return self.data.get("heldout_sources", [])
+
+    def save(self) -> None:
+        save_json({"settings": self.settings.to_json(), "data": self.data}, self.run_dir / RUN_FILE)
 
 
 def make_settings(images: Path, masks: Path, labels_csv: Path | None, preset: str,
@@ -134,13 +170,14 @@ def apply_resume_options(run_dir: Path, stored: RunSettings, given: dict[str, An
 
 
 def prepare_run(run_dir: Path, settings: RunSettings | None, resume: bool, given: dict[str, Any] | None = None,
-                log: Callable[[str], None] = print) -> RunSettings:
+                log: Log | None = None, reporter: Reporter | None = None) -> RunSettings:
     """Create the run folder (or check a resumed one) and cache the patches. Input errors raise
     before anything is written.
 
     ``settings`` may be None with ``resume``: the run folder alone says how to go on. ``given``:
     options typed again with --resume, checked by ``apply_resume_options``.
     """
+    reporter = reporter_for(reporter, log)
     run_dir = Path(run_dir)
     check_out_folder(run_dir)
     run_file, pending = run_dir / RUN_FILE, run_dir / RUN_PENDING
@@ -149,16 +186,17 @@ def prepare_run(run_dir: Path, settings: RunSettings | None, resume: bool, given
             raise RunError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
         stored = _stored_settings(run_file)
         if given:
-            changed = apply_resume_options(run_dir, stored, given, log)
+            changed = apply_resume_options(run_dir, stored, given, reporter.log)
             if changed != stored:
-                run = json.loads(run_file.read_text())
-                save_json({**run, "settings": changed.to_json()}, run_file)
+                info = RunInfo.load(run_dir)
+                info.settings = changed
+                info.save()
             stored = changed
         return stored
     if pending.exists() and (resume or settings is None or _stored_settings(pending) == settings):
         # the data stage was interrupted: redo it with the settings saved when it began
         saved = _stored_settings(pending)
-        settings = apply_resume_options(run_dir, saved, given, log) if given else saved
+        settings = apply_resume_options(run_dir, saved, given, reporter.log) if given else saved
     elif run_dir.exists() and any(run_dir.iterdir()):
         leftovers_only = {p.name for p in run_dir.iterdir()} <= {"data"}  # a data stage killed by older versions
         if not (resume and leftovers_only and settings is not None):
@@ -181,7 +219,7 @@ def prepare_run(run_dir: Path, settings: RunSettings | None, resume: bool, given
     summary = {"label_names": label_names, "train_images": len(train), "heldout_images": len(val),
                "train_patches": len(train_patches), "heldout_patches": len(val_patches) if val_patches else 0,
                "heldout_sources": sorted({s.name for s in val})}
-    save_json({"settings": settings.to_json(), "data": summary}, run_file)  # marks the run as created
+    RunInfo(run_dir, settings, summary).save()  # marks the run as created
     pending.unlink()
     return settings
 
@@ -192,22 +230,23 @@ def load_patches(run_dir: Path) -> tuple[PatchSet, PatchSet | None]:
 
 
 def train_run(run_dir: str | Path, settings: RunSettings | None, device: torch.device, resume: bool = False,
-              show_progress: bool = True, log: Callable[[str], None] = print,
-              given: dict[str, Any] | None = None) -> Path:
+              given: dict[str, Any] | None = None, reporter: Reporter | None = None) -> Path:
     """All stages: ingest, tokenizer, tokenize, prior, preview. Returns the run folder.
 
     With ``resume``, ``settings`` may be None (the run folder holds them) and ``given`` holds the
     options typed again, checked against the run (see ``apply_resume_options``).
     """
+    reporter = reporter_for(reporter)
+    log = reporter.log
     run_dir = Path(run_dir)
-    settings = prepare_run(run_dir, settings, resume, given, log)
+    settings = prepare_run(run_dir, settings, resume, given, reporter=reporter)
     train_patches, heldout = load_patches(run_dir)
     log(f"[1/4] data: {len(train_patches)} training patches of {settings.tokenizer.patch_size} px, "
         f"labels {', '.join(train_patches.label_names)}")
 
     log("[2/4] tokenizer")
     tok_ckpt = train_tokenizer(train_patches, run_dir / "tokenizer", settings.tokenizer, device,
-                               resume=True, show_progress=show_progress, seed=settings.seed)
+                               resume=True, seed=settings.seed, reporter=reporter)
     tokenizer = load_tokenizer(tok_ckpt, device)
 
     log("[3/4] tokenize (8 dihedral views per training patch)")
@@ -221,28 +260,28 @@ def train_run(run_dir: str | Path, settings: RunSettings | None, device: torch.d
 
     log("[4/4] prior")
     train_prior(train_tokens, run_dir / "prior", settings.prior, device, resume=True,
-                heldout_tokens_path=heldout_tokens if heldout is not None else None, progress=show_progress)
+                heldout_tokens_path=heldout_tokens if heldout is not None else None, reporter=reporter)
     generator = load_generator(run_dir, device)
     save_sample_preview(generator, run_dir / "samples_preview.png", device)
 
     log("quality filter (last stage): a segmenter trained on the real training patches, for synthesize")
-    train_filter_stage(run_dir, device, show_progress, settings=settings, patches=(train_patches, heldout))
+    train_filter_stage(run_dir, device, settings=settings, patches=(train_patches, heldout), reporter=reporter)
     return run_dir
 
 
-def train_filter_stage(run_dir: str | Path, device: torch.device, show_progress: bool = True,
-                       settings: RunSettings | None = None,
-                       patches: tuple[PatchSet, PatchSet | None] | None = None) -> Path:
+def train_filter_stage(run_dir: str | Path, device: torch.device, settings: RunSettings | None = None,
+                       patches: tuple[PatchSet, PatchSet | None] | None = None,
+                       reporter: Reporter | None = None) -> Path:
     """The quality-filter stage (skipped when complete). Also adds the filter to a run trained before
     the stage existed: `pathar-aug train --out RUN --resume` reaches it with every other stage done."""
     from pathar_aug.quality_filter import FILTER_PRESETS, FilterConfig, train_filter  # imports the evaluation
 
     run_dir = Path(run_dir)
     if settings is None:
-        settings = RunSettings.from_json(json.loads((run_dir / RUN_FILE).read_text())["settings"])
+        settings = RunInfo.load(run_dir).settings
     train_patches, heldout = patches if patches is not None else load_patches(run_dir)
     config = FILTER_PRESETS.get(settings.preset, FilterConfig())
-    return train_filter(run_dir, train_patches, heldout, config, settings.seed, device, show_progress)
+    return train_filter(run_dir, train_patches, heldout, config, settings.seed, device, reporter=reporter)
 
 
 @dataclass
@@ -291,9 +330,8 @@ def load_generator(run_dir: str | Path, device: torch.device) -> Generator:
     if not (run_dir / RUN_FILE).exists() and (run_dir / RUN_PENDING).exists():
         raise RunError(f"{run_dir} is incomplete: the data stage did not finish; "
                        f"finish it with `pathar-aug train --out {run_dir} --resume`")
-    if not (run_dir / RUN_FILE).exists():
-        raise RunError(f"{run_dir} is not a pathar-aug run folder (no {RUN_FILE}); train one with `pathar-aug train`")
-    settings = RunSettings.from_json(json.loads((run_dir / RUN_FILE).read_text())["settings"])
+    info = RunInfo.load(run_dir)
+    settings = info.settings
     prior_config = run_dir / "prior" / "prior_config.json"
     prior_total = json.loads(prior_config.read_text())["total_steps"] if prior_config.exists() else None
     for path, steps, stage in ((TOKENIZER_CKPT, settings.tokenizer.steps, "tokenizer"),
@@ -303,8 +341,7 @@ def load_generator(run_dir: str | Path, device: torch.device) -> Generator:
                            f"finish it with `pathar-aug train --out {run_dir} --resume`")
     tokenizer = load_tokenizer(run_dir / TOKENIZER_CKPT, device)
     prior = load_prior(run_dir / PRIOR_CKPT, device).eval()
-    label_names = json.loads((run_dir / RUN_FILE).read_text())["data"]["label_names"]
-    return Generator(tokenizer, prior, label_names, run_dir)
+    return Generator(tokenizer, prior, info.label_names, run_dir)
 
 
 def save_sample_preview(generator: Generator, path: Path, device: torch.device, per_label: int = 6,

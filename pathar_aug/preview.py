@@ -1,11 +1,14 @@
-"""PNG grids for previews, sample sheets and token-swap figures."""
+"""PNG grids for previews, sample sheets, token-swap figures and the evaluation's sample rows."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
+
+from nnunet_integration.atomic import atomic_write_bytes
 
 
 def to_rgb_tiles(x: torch.Tensor) -> list[np.ndarray]:
@@ -16,17 +19,32 @@ def to_rgb_tiles(x: torch.Tensor) -> list[np.ndarray]:
     return [t.permute(1, 2, 0).numpy().astype(np.uint8) for t in x]
 
 
-def save_grid(rows: list[list[np.ndarray]], path: str | Path, gap: int = 2) -> Path:
-    """Save rows of equally sized H x W x 3 uint8 tiles as one PNG with white gaps."""
+def save_grid(rows: list[list[np.ndarray]], path: str | Path, gap: int = 2, names: list[str] | None = None,
+              head: int = 110) -> Path:
+    """Save rows of equally sized H x W x 3 uint8 tiles as one PNG with white gaps (written atomically).
+
+    With ``names``, each row's name is written (wrapped, up to three lines) in a left margin of
+    ``head`` pixels.
+    """
     path = Path(path)
-    h, w = rows[0][0].shape[:2]
-    ncol = max(len(r) for r in rows)
-    canvas = np.full((len(rows) * (h + gap) - gap, ncol * (w + gap) - gap, 3), 255, np.uint8)
+    tiles = [np.asarray(t) for row in rows for t in row]
+    h, w = tiles[0].shape[:2] if tiles else (1, 1)
+    left = head if names is not None else 0
+    end = gap if names is not None else 0  # a named grid keeps a gap after its last row and column
+    ncol = max(1, max((len(r) for r in rows), default=1))
+    canvas = np.full((len(rows) * (h + gap) - gap + end, left + ncol * (w + gap) - gap + end, 3), 255, np.uint8)
     for i, row in enumerate(rows):
         for j, tile in enumerate(row):
-            canvas[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = tile
+            x = left + j * (w + gap)
+            canvas[i * (h + gap):i * (h + gap) + h, x:x + w] = np.asarray(tile)
+    image = Image.fromarray(canvas)
+    if names is not None:
+        draw = ImageDraw.Draw(image)
+        for i, name in enumerate(names):
+            # long set names ("real held-out vs real training") wrap onto up to three lines
+            lines = textwrap.wrap(name, 17)[:max(1, min(3, h // 12))] or [""]
+            for k, line in enumerate(lines):
+                draw.text((4, i * (h + gap) + h // 2 - 6 * len(lines) + 12 * k), line, fill=(0, 0, 0))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    Image.fromarray(canvas).save(tmp)
-    tmp.replace(path)
+    atomic_write_bytes(path, lambda f: image.save(f, format="PNG"))
     return path

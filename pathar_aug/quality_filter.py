@@ -33,9 +33,11 @@ import numpy as np
 import torch
 
 from pathar_aug.config import save_json
-from pathar_aug.evaluation.segmenter import Segmenter, SegmenterConfig, dice
+from pathar_aug.evaluation.segmenter import Segmenter, SegmenterConfig
+from pathar_aug.metrics import binary_dice
 from pathar_aug.patches import PatchSet
 from pathar_aug.pipeline import RunError
+from pathar_aug.reporter import Reporter
 
 FILTER_DIR = "filter"
 SEGMENTER_FILE = "segmenter.pt"
@@ -158,7 +160,7 @@ def agreement(pred: np.ndarray, mask: np.ndarray) -> float:
     ps, ms = foreground_share(pred), foreground_share(mask)
     if (is_empty(ms) and is_empty(ps)) or (is_full(ms) and is_full(ps)):
         return 1.0
-    return dice(pred, mask)
+    return binary_dice(pred, mask)
 
 
 def agreement_threshold(dices: Sequence[float], percentile: float) -> float:
@@ -342,7 +344,7 @@ def _trivial(mask: np.ndarray) -> bool:
 
 
 def train_filter(run_dir: str | Path, train: PatchSet, heldout: PatchSet | None, config: FilterConfig,
-                 seed: int, device: str | torch.device = "cpu", progress: bool = True) -> Path:
+                 seed: int, device: str | torch.device = "cpu", reporter: Reporter | None = None) -> Path:
     """Train the filter's segmenter on the real training patches and store it with the real
     statistics in ``run_dir/filter``; a complete filter is kept as it is. Returns the folder."""
     folder = Path(run_dir) / FILTER_DIR
@@ -354,7 +356,7 @@ def train_filter(run_dir: str | Path, train: PatchSet, heldout: PatchSet | None,
                                  steps=config.steps, batch_size=config.batch_size, lr=config.lr,
                                  val_fraction=0.0,  # the held-out source images measure it instead
                                  seed=seed + config.seed_offset)
-    segmenter = Segmenter.fit(_pairs(train, range(len(train))), seg_config, str(device), progress)
+    segmenter = Segmenter.fit(_pairs(train, range(len(train))), seg_config, str(device), reporter=reporter)
     stats = real_statistics(segmenter, train, heldout, config.percentile)
     segmenter.save(folder / SEGMENTER_FILE)
     save_json({"format": FORMAT, "config": dataclasses.asdict(config), "fingerprint": segmenter.fingerprint,

@@ -11,24 +11,18 @@ for the speed benchmark and the equivalence tests.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
+import contextlib
+import functools
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
+from .config import SamplingConfig  # noqa: F401 - its home is config (no torch); imported from here too
 from .device import autocast
 from .prior import InterleavedPrior
 
-
-@dataclass
-class SamplingConfig:
-    guidance: float = 1.5  # paper Fig. 7 optimum; 1.0 = plain conditional sampling (no doubling)
-    temperature: float = 0.85  # <= 0: greedy
-    top_k: int = 100  # <= 0: off
-    top_p: float = 0.92  # >= 1: off
-    batch_size: int = 32  # images per chunk; the forward batch is twice that with guidance
-    seed: int = 0
-    compile: bool = False  # torch.compile the step-independent part of the cached step (for CUDA)
+if TYPE_CHECKING:
+    from .reporter import Reporter
 
 
 def _candidates(logits: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -163,7 +157,8 @@ def _sample(prior: InterleavedPrior, labels, cfg: SamplingConfig, device, struct
 
     n, total = prior.num_locations, len(labels)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    task = progress.add_task("sampling", total=total, info="") if progress is not None else None
+    reporting = contextlib.ExitStack()
+    task = reporting.enter_context(progress.task("sampling", total=total)) if progress is not None else None
     was_training = prior.training
     prior.to(device).eval()
     out_s, out_a = [], []
@@ -177,16 +172,17 @@ def _sample(prior: InterleavedPrior, labels, cfg: SamplingConfig, device, struct
 
                 def on_step() -> None:
                     if task is not None:
-                        progress.advance(task, advance)
+                        task.advance(advance)
 
                 S, A = _decode_chunk(decoder, len(chunk), cfg, generator, given, on_step)
                 out_s.append(S.cpu())
                 out_a.append(A.cpu())
                 del decoder  # free this chunk's cache before the next one is allocated
                 if task is not None:
-                    progress.update(task, completed=min(begin + cfg.batch_size, total))
+                    task.update(completed=min(begin + cfg.batch_size, total))
     finally:
         prior.train(was_training)
+        reporting.close()
     h, w = prior.grid
     empty = torch.empty(0, n, dtype=torch.long)
     S = torch.cat(out_s) if out_s else empty
@@ -200,26 +196,20 @@ def sample_tokens(
     cfg: SamplingConfig,
     device: torch.device | str,
     structure: torch.Tensor | None = None,
-    progress=None,
+    progress: Reporter | None = None,
+    use_cache: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample (S, A) token grids, each (B, h, w) long on the CPU, one per label.
 
     ``structure`` (B, h, w): teacher-force these structure tokens and sample only appearance
     (mask-conditioned rendering); the returned S is then exactly ``structure``. Labels are
     processed in chunks of ``cfg.batch_size`` images (one KV cache per chunk bounds memory); one
-    generator seeded with ``cfg.seed`` runs through the chunks in order. ``progress``: a rich
-    Progress (``training.progress_bar``) to report on, or None.
+    generator seeded with ``cfg.seed`` runs through the chunks in order. ``progress``: a
+    ``reporter.Reporter`` to report on, or None. ``use_cache=False`` recomputes the whole prefix
+    at every step (O(N^2) tokens; ``sample_tokens_nocache``).
     """
-    return _sample(prior, labels, cfg, device, structure, progress, use_cache=True)
+    return _sample(prior, labels, cfg, device, structure, progress, use_cache=use_cache)
 
 
-def sample_tokens_nocache(
-    prior: InterleavedPrior,
-    labels: torch.Tensor | Sequence[int],
-    cfg: SamplingConfig,
-    device: torch.device | str,
-    structure: torch.Tensor | None = None,
-    progress=None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same as ``sample_tokens`` but recomputing the whole prefix at every step (O(N^2) tokens)."""
-    return _sample(prior, labels, cfg, device, structure, progress, use_cache=False)
+# the reference the cached sampler is tested against: same arguments, whole prefix every step
+sample_tokens_nocache = functools.partial(sample_tokens, use_cache=False)

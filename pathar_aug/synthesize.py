@@ -1,31 +1,24 @@
 """Generate pairs with a trained run and write them into nnU-Net v2 raw datasets; import real folders."""
 from __future__ import annotations
 
-import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
-from nnunet_integration.atomic import (
-    atomic_write_json, exclusive_dir_lock, publish_no_clobber, tmp_path_for, unlink_if_present, write_tmp,
-)
-from nnunet_integration.dataset import (
-    IncompatibleDatasetError, png_bytes, prepare_pair, check_compatible, list_cases, read_dataset_json, write_cases,
-)
-from nnunet_integration.manifest import COMMITTED, SYNTHETIC_PREFIX, case_files, load_manifest, settings_batch_tag
+from nnunet_integration.cases import IncompatibleDatasetError, check_compatible, committed_ids, read_dataset_json
+from nnunet_integration.dataset import SyntheticCasesPresent, write_chunks, write_real_cases
+from nnunet_integration.manifest import SYNTHETIC_PREFIX, load_manifest, settings_batch_tag
+from nnunet_integration.names import case_part
 from nnunet_integration.paths import DatasetResolutionError, preprocessed_dir, resolve_dataset
 from nnunet_integration.splits import real_and_synthetic, update_splits
 from pathar_aug.ingest import IngestError, Sample, load_pairs
 from pathar_aug.pipeline import Generator, RunError, load_generator, masks_as_patches, train_filter_stage
+from pathar_aug.reporter import Log, Reporter, reporter_for
 from pathar_aug.sampler import SamplingConfig
-from pathar_aug.training import progress_bar
 from pathar_aug.validate import check_sampling
-
-Log = Callable[[str], None]
 
 # Written into every batch's settings in the manifest. Sampling runs in float arithmetic whose
 # summation order follows the number of CPU threads, so a rare token can flip between thread counts.
@@ -90,11 +83,6 @@ def acceptance_lines(result: SynthesisResult) -> list[str]:
     return lines
 
 
-def _safe(text: str) -> str:
-    """A label or file stem as a case-name part (letters, digits, '-', '_')."""
-    return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-") or "x"
-
-
 def plan_labels(generator: Generator, n: int, label: str | None, per_label: bool) -> list[int]:
     """Label index of each pair to make: one label, n per label, or n spread over all labels."""
     if n <= 0:
@@ -120,15 +108,16 @@ def _check_target(into: str, nnunet_raw: Path | None) -> None:
 
 def synthesize_into(
     model: Path, into: str, n: int, label: str | None = None, per_label: bool = False,
-    masks_from: Path | None = None, guidance: float = 1.5, temperature: float = 0.85, top_k: int = 100,
-    top_p: float = 0.92, seed: int = 0, batch_size: int = 32, device: torch.device = torch.device("cpu"),
-    nnunet_raw: Path | None = None, nnunet_preprocessed: Path | None = None, log: Log = print,
-    quality_filter: bool = True, oversample: float | None = None, min_agreement: float | None = None,
+    masks_from: Path | None = None, sampling: SamplingConfig | None = None,
+    device: torch.device = torch.device("cpu"), nnunet_raw: Path | None = None,
+    nnunet_preprocessed: Path | None = None, quality_filter: bool = True, oversample: float | None = None,
+    min_agreement: float | None = None, log: Log | None = None, reporter: Reporter | None = None,
 ) -> SynthesisResult:
     """Make pairs with a trained run and add them to a raw dataset; returns what was written.
 
-    Pairs are made in chunks of ``batch_size``, chunk c seeded by (seed, c), so a rerun of the same
-    command regenerates exactly the chunks whose cases are not committed yet, and completes the set.
+    Pairs are made in chunks of ``sampling.batch_size``, chunk c seeded by (``sampling.seed``, c), so a
+    rerun of the same command regenerates exactly the chunks whose cases are not committed yet, and
+    completes the set.
 
     With ``quality_filter`` each chunk draws ``oversample`` candidates per requested pair (never
     more: the filter cannot loop), and keeps per label the best by image-mask agreement among those
@@ -140,6 +129,10 @@ def synthesize_into(
     """
     from pathar_aug.quality_filter import DEFAULT_OVERSAMPLE, MAX_OVERSAMPLE, QualityFilter, filter_complete, quota
 
+    reporter = reporter_for(reporter, log)
+    sampling = sampling or SamplingConfig()
+    guidance, temperature, top_k, top_p = sampling.guidance, sampling.temperature, sampling.top_k, sampling.top_p
+    seed, batch_size = sampling.seed, sampling.batch_size
     # every option is checked before anything is written (--n by plan_labels, below)
     check_sampling(guidance, temperature, top_k, top_p, batch_size, seed)
     oversample = DEFAULT_OVERSAMPLE if oversample is None else float(oversample)
@@ -160,20 +153,20 @@ def synthesize_into(
     quality = None
     if quality_filter:
         if not filter_complete(model):
-            log(f"quality filter: {model} was trained before the filter stage existed; training it now, once, "
-                f"into {Path(model) / 'filter'} (`pathar-aug train --out {model} --resume` does the same)")
+            reporter.log(f"quality filter: {model} was trained before the filter stage existed; training it now, "
+                         f"once, into {Path(model) / 'filter'} (`pathar-aug train --out {model} --resume` does the same)")
             try:
-                train_filter_stage(model, device, show_progress=True)
+                train_filter_stage(model, device, reporter=reporter)
             except OSError as exc:
                 raise RunError(f"cannot add the quality filter to {model} ({exc}); make the run folder writable "
                                "or pass --no-filter") from exc
         quality = QualityFilter.load(model, device)
     dataset = resolve_dataset(into, nnunet_raw, create=True)
 
-    sampling = dict(guidance=guidance, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    drawing = dict(guidance=guidance, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     settings = {"model": str(Path(model).resolve()), "mode": "mask-conditioned" if masks_from else "label-only",
                 "masks_from": str(Path(masks_from).resolve()) if masks_from else None, "n": n, "label": label,
-                "per_label": per_label, "batch_size": batch_size, **sampling}
+                "per_label": per_label, "batch_size": batch_size, **drawing}
     if quality is not None:  # absent without the filter: unfiltered batches keep their earlier tags
         settings["filter"] = {"segmenter": quality.fingerprint, "min_agreement": min_agreement,
                               "oversample": None if masks_from else oversample}
@@ -187,46 +180,35 @@ def synthesize_into(
     for i, li in enumerate(labels):
         position[i] = seen.get(li, 0)
         seen[li] = position[i] + 1
-    names = [f"{_safe(generator.label_names[li])}-{i:05d}" for i, li in enumerate(labels)]
-    manifest = load_manifest(dataset)
-    prefix = f"{SYNTHETIC_PREFIX}{batch}_"
-    done = {name[len(prefix):] for name, c in (manifest.cases.items() if manifest else [])
-            if c.get("batch") == batch and c["state"] == COMMITTED}
+    names = [f"{case_part(generator.label_names[li])}-{i:05d}" for i, li in enumerate(labels)]
+    starts = range(0, len(labels), batch_size)
 
-    def cases() -> Iterator[tuple]:  # (name, image, mask) or, scored, (name, image, mask, scores)
-        with progress_bar() as bar:
-            task = bar.add_task("synthesize", total=len(labels), info="")
-            for c, start in enumerate(range(0, len(labels), batch_size)):
-                chunk = range(start, min(start + batch_size, len(labels)))
-                if all(names[i] in done for i in chunk):
-                    bar.update(task, advance=len(chunk))
-                    continue
-                cfg = SamplingConfig(batch_size=batch_size, **{**sampling, "seed": seed * 1_000_003 + c})
-                chunk_labels = [labels[i] for i in chunk]
-                if quality is not None and structure_masks is None:
-                    yield from filtered_chunk(chunk, cfg)
-                    bar.update(task, advance=len(chunk))
-                    continue
-                if structure_masks is None:
-                    images, masks = generator.generate(chunk_labels, cfg, device)
-                else:
-                    masks = structure_masks[chunk.start:chunk.stop]
-                    images = generator.render_masks(masks, chunk_labels[0], cfg, device)
-                scores: list = [None] * len(chunk)
-                if quality is not None:  # mask-conditioned: score and record, drop nothing
-                    name = generator.label_names[chunk_labels[0]]
-                    threshold = quality.stats[name].threshold if min_agreement is None else min_agreement
-                    raw = quality.score(images, masks, threshold)
-                    scores = [s.to_json(threshold) for s in raw]
-                    acc = result.labels[name]
-                    acc.candidates += len(raw)
-                    acc.kept += len(raw)
-                    acc.passed += sum(s.passed for s in raw)
-                    acc.threshold = threshold
-                for j, i in enumerate(chunk):
-                    case = (names[i], images[j].permute(1, 2, 0).numpy(), masks[j, 0].numpy())
-                    yield case if scores[j] is None else (*case, scores[j])
-                bar.update(task, advance=len(chunk))
+    def make_chunk(c: int) -> Iterator[tuple]:  # (name, image, mask) or, scored, (name, image, mask, scores)
+        chunk = range(starts[c], min(starts[c] + batch_size, len(labels)))
+        cfg = SamplingConfig(batch_size=batch_size, **{**drawing, "seed": seed * 1_000_003 + c})
+        chunk_labels = [labels[i] for i in chunk]
+        if quality is not None and structure_masks is None:
+            yield from filtered_chunk(chunk, cfg)
+            return
+        if structure_masks is None:
+            images, masks = generator.generate(chunk_labels, cfg, device)
+        else:
+            masks = structure_masks[chunk.start:chunk.stop]
+            images = generator.render_masks(masks, chunk_labels[0], cfg, device)
+        scores: list = [None] * len(chunk)
+        if quality is not None:  # mask-conditioned: score and record, drop nothing
+            name = generator.label_names[chunk_labels[0]]
+            threshold = quality.stats[name].threshold if min_agreement is None else min_agreement
+            raw = quality.score(images, masks, threshold)
+            scores = [s.to_json(threshold) for s in raw]
+            acc = result.labels[name]
+            acc.candidates += len(raw)
+            acc.kept += len(raw)
+            acc.passed += sum(s.passed for s in raw)
+            acc.threshold = threshold
+        for j, i in enumerate(chunk):
+            case = (names[i], images[j].permute(1, 2, 0).numpy(), masks[j, 0].numpy())
+            yield case if scores[j] is None else (*case, scores[j])
 
     def filtered_chunk(chunk: range, cfg: SamplingConfig) -> Iterator[tuple]:
         """Draw oversample x the chunk's pairs per label in one go; keep the best of each label."""
@@ -256,75 +238,54 @@ def synthesize_into(
                 yield (names[i], images[j].permute(1, 2, 0).numpy(), masks[j, 0].numpy(),
                        selection.scores[k].to_json(selection.threshold))
 
+    manifest = load_manifest(dataset)
     known = manifest.batches.get(batch) if manifest else None
     if known is None or "reproducibility" in known["settings"]:  # batches of older versions lack the note
         settings = {**settings, "reproducibility": REPRODUCIBILITY}  # recorded, not part of the batch tag
-    report = write_cases(dataset, cases(), settings=settings, batch=batch, commit_every=batch_size)
+    with reporter.deferred_task("synthesize", total=len(labels)) as task:
+        report = write_chunks(dataset, [names[start:start + batch_size] for start in starts], make_chunk,
+                              settings=settings, batch=batch, commit_every=batch_size,
+                              labels={name: generator.label_names[li] for name, li in zip(names, labels)},
+                              on_chunk=task.advance, on_start=task.start)
     # chunks found complete were not even generated: count this batch's cases in the manifest
-    committed = {name for name, c in load_manifest(dataset).cases.items()
-                 if c.get("batch") == batch and c["state"] == COMMITTED}
+    committed = committed_ids(dataset, batch)
     result.new, result.present = len(report.written), len(committed) - len(report.written)
     for name, li in zip(names, labels):
-        result.labels[generator.label_names[li]].written += f"{prefix}{name}" in committed
-    log(f"{dataset}: {len(report.written)} new synthetic cases (batch {batch}), "
-        f"{len(report.skipped)} already present, numTraining {report.num_training}")
+        result.labels[generator.label_names[li]].written += name in committed
+    reporter.log(f"{dataset}: {len(report.written)} new synthetic cases (batch {batch}), "
+                 f"{len(report.skipped)} already present, numTraining {report.num_training}")
     n_real = len(real_and_synthetic(dataset)[0])
     if n_real < 5:
-        log(f"splits: only {n_real} real case(s), too few for 5 real-only validation folds; "
-            "nnU-Net will make its own split")
+        reporter.log(f"splits: only {n_real} real case(s), too few for 5 real-only validation folds; "
+                     "nnU-Net will make its own split")
     elif preprocessed_dir(dataset, nnunet_preprocessed) is not None:
         splits = update_splits(dataset, nnunet_preprocessed)
-        log(f"splits: {splits} (every fold: real + synthetic training, real-only validation)")
+        reporter.log(f"splits: {splits} (every fold: real + synthetic training, real-only validation)")
     else:
-        log("splits: $nnUNet_preprocessed unknown; run `pathar-aug synthesize` again with --nnunet-preprocessed "
-            "(or set it) so validation folds stay real-only")
+        reporter.log("splits: $nnUNet_preprocessed unknown; run `pathar-aug synthesize` again with "
+                     "--nnunet-preprocessed (or set it) so validation folds stay real-only")
     return result
 
 
 def import_real(images: Path, masks: Path, into: str, labels_csv: Path | None = None,
-                nnunet_raw: Path | None = None, log: Log = print) -> Path:
+                nnunet_raw: Path | None = None, log: Log | None = None, reporter: Reporter | None = None) -> Path:
     """Write a user's real pairs into a raw dataset: all files are read and checked first, no existing
     case is overwritten, and dataset.json (numTraining) is replaced atomically at the end."""
+    reporter = reporter_for(reporter, log)
     samples = load_pairs(images, masks, labels_csv)
     names = case_names(samples)
     _check_target(into, nnunet_raw)
     dataset = resolve_dataset(into, nnunet_raw, create=True)
-    with exclusive_dir_lock(dataset, "writing"):
-        dj, _ = read_dataset_json(dataset)
-        check_compatible(dj)
-        if load_manifest(dataset) is not None:
-            raise IncompatibleDatasetError(f"{dataset} holds synthetic cases; run `pathar-aug clean` first, "
-                                           "import, then synthesize again")
-        existing = set(list_cases(dataset, dj))
-        for sample in samples:
-            name = names[sample.name]
-            if name in existing or any((dataset / rel).exists() for rel in case_files(name)):
-                raise FileExistsError(f"{sample.image_path}: case '{name}' already exists in {dataset}; nothing was written")
-        prepared = [(names[s.name], *prepare_pair(names[s.name], s.image, s.binary_mask)) for s in samples]
-        published: list[Path] = []
-        try:
-            for name, image, mask in prepared:  # label first: an image never lacks its label
-                for rel, array in zip(case_files(name)[::-1], (mask, image)):
-                    publish_no_clobber(write_tmp(dataset / rel, png_bytes(array)), dataset / rel)
-                    published.append(dataset / rel)
-        except BaseException:  # a full disk or a kill signal: take back what this call wrote
-            for path in published:
-                unlink_if_present(path)
-            for name, _, _ in prepared:
-                for rel in case_files(name):
-                    unlink_if_present(tmp_path_for(dataset / rel))
-            raise
-        if "dataset" in dj:
-            for name, _, _ in prepared:
-                image_rel, label_rel = case_files(name)
-                dj["dataset"][name] = {"images": [image_rel], "label": label_rel}
-        dj["numTraining"] = len(list_cases(dataset, dj))
-        atomic_write_json(dataset / "dataset.json", dj)
+    try:
+        write_real_cases(dataset, [(names[s.name], s.image, s.binary_mask) for s in samples],
+                         labels={names[s.name]: s.label for s in samples},  # condition labels, for evaluate
+                         sources={names[s.name]: s.image_path for s in samples})
+    except SyntheticCasesPresent:
+        raise IncompatibleDatasetError(f"{dataset} holds synthetic cases; run `pathar-aug clean` first, "
+                                       "import, then synthesize again") from None
     label_counts = {l: sum(s.label == l for s in samples) for l in sorted({s.label for s in samples})}
-    labels_file = dataset / "pathar_aug_labels.json"  # condition labels, for the benchmark and evaluate
-    known = json.loads(labels_file.read_text()) if labels_file.exists() else {}
-    atomic_write_json(labels_file, {**known, **{names[s.name]: s.label for s in samples}})
-    log(f"{dataset}: imported {len(samples)} real cases ({', '.join(f'{k}: {v}' for k, v in label_counts.items())})")
+    reporter.log(f"{dataset}: imported {len(samples)} real cases "
+                 f"({', '.join(f'{k}: {v}' for k, v in label_counts.items())})")
     return dataset
 
 
@@ -334,7 +295,7 @@ def case_names(samples: list[Sample]) -> dict[str, str]:
     names: dict[str, str] = {}
     owner: dict[str, Sample] = {}
     for s in samples:
-        name = _safe(s.name)
+        name = case_part(s.name)
         if name.startswith(SYNTHETIC_PREFIX):
             raise IngestError(f"{s.image_path}: its name starts with {SYNTHETIC_PREFIX!r}, which is reserved for "
                               "synthetic cases; rename the image and its mask")

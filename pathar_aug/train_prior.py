@@ -17,7 +17,8 @@ import torch
 from .config import from_dict, save_json, to_dict
 from .device import autocast, resolve_device
 from .prior import ARCHITECTURE_FIELDS, InterleavedPrior, PriorConfig
-from .training import LossCSV, label_balanced_weights, load_checkpoint, make_adamw, progress_bar, save_checkpoint
+from .reporter import Reporter, reporter_for
+from .training import LossCSV, label_balanced_weights, load_checkpoint, make_adamw, save_checkpoint
 
 CHECKPOINT_NAME = "prior.pt"
 LOSS_CSV_NAME = "prior_loss.csv"
@@ -112,6 +113,7 @@ def train_prior(
     resume: bool = False,
     heldout_tokens_path: str | Path | None = None,
     progress: bool = True,
+    reporter: Reporter | None = None,
 ) -> Path:
     """Train (or resume training) the prior; returns the path of the final checkpoint."""
     device = resolve_device(device) if not isinstance(device, torch.device) else device
@@ -171,8 +173,7 @@ def train_prior(
     prior.train()
     running = torch.zeros(2)
     running_steps = 0
-    with progress_bar(disable=not progress) as bar:
-        task = bar.add_task("prior", total=total, completed=step, info="")
+    with reporter_for(reporter, progress=progress).task("prior", total=total, completed=step) as task:
         while step < total:
             lr = learning_rate(step, cfg, total)
             for group in optimizer.param_groups:
@@ -192,7 +193,7 @@ def train_prior(
             if step % cfg.log_every == 0 or step == total:
                 s_avg, a_avg = (running / running_steps).tolist()
                 log.log(step, {"structure_nll": s_avg, "appearance_nll": a_avg, "lr": lr})
-                bar.update(task, info=f"s {s_avg:.3f}  a {a_avg:.3f}  lr {lr:.2e}")
+                task.update(info=f"s {s_avg:.3f}  a {a_avg:.3f}  lr {lr:.2e}")
                 running.zero_()
                 running_steps = 0
             if curve is not None and (step % cfg.eval_every == 0 or step == total):
@@ -202,7 +203,7 @@ def train_prior(
                                  "minutes": (time.monotonic() - started) / 60})
             if step % cfg.ckpt_every == 0 and step < total:
                 checkpoint()
-            bar.update(task, completed=step)
+            task.update(completed=step)
     checkpoint()
 
     if heldout is not None:

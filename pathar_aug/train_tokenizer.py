@@ -13,8 +13,9 @@ from pathar_aug.patches import PatchSet, dihedral, random_dihedral
 from pathar_aug.preview import save_grid, to_rgb_tiles
 from pathar_aug.quantizer import codebook_usage
 from pathar_aug.tokenizer import DualVQTokenizer, TokenizerConfig
+from pathar_aug.reporter import Reporter, reporter_for
 from pathar_aug.training import (
-    LossCSV, label_balanced_weights, load_checkpoint, make_adamw, progress_bar, save_checkpoint,
+    LossCSV, label_balanced_weights, load_checkpoint, make_adamw, save_checkpoint,
 )
 
 CHECKPOINT = "tokenizer.pt"
@@ -51,6 +52,7 @@ def train_tokenizer(
     resume: bool = False,
     show_progress: bool = True,
     seed: int = 0,
+    reporter: Reporter | None = None,
 ) -> Path:
     """Train (or resume) the tokenizer; returns the checkpoint path. A finished run returns at once."""
     out_dir = Path(out_dir)
@@ -82,8 +84,7 @@ def train_tokenizer(
     weights = label_balanced_weights(patches.labels)
     model.train()
     window_s, window_a = [], []
-    with progress_bar(disable=not show_progress) as bar:
-        task = bar.add_task("tokenizer", total=cfg.steps, completed=step, info="")
+    with reporter_for(reporter, progress=show_progress).task("tokenizer", total=cfg.steps, completed=step) as task:
         while step < cfg.steps:
             idx = torch.multinomial(weights, cfg.batch_size, replacement=True, generator=gen)
             images, masks = random_dihedral(patches.images[idx], patches.masks[idx], gen)
@@ -106,13 +107,13 @@ def train_tokenizer(
                 values = {k: out[k].item() for k in LOSS_TERMS}
                 log.log(step, {**values, "usage_structure": usage_s, "usage_appearance": usage_a, "lr": lr,
                                "minutes": (time.monotonic() - started) / 60})
-                bar.update(task, info=f"loss {values['loss']:.3f} rec {values['rec']:.3f} seg {values['seg']:.3f} "
+                task.update(info=f"loss {values['loss']:.3f} rec {values['rec']:.3f} seg {values['seg']:.3f} "
                                       f"usage S {usage_s:.0%} A {usage_a:.0%}")
             if step % cfg.preview_every == 0 or step == cfg.steps:
                 save_preview(model, patches, out_dir / "tokenizer_preview.png", device)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 checkpoint()
-            bar.update(task, completed=step)
+            task.update(completed=step)
     if not ckpt_path.exists():  # resumed a finished run with nothing to do
         checkpoint()
     return ckpt_path
@@ -149,7 +150,5 @@ def build_token_cache(
         "num_appearance_codes": model.cfg.appearance_codes,
     }
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(cache, tmp)
-    tmp.replace(path)
+    save_checkpoint(path, **cache)
     return path

@@ -1,4 +1,4 @@
-"""Shared training machinery for both stages: the paper's AdamW, checkpoints, loss CSV, progress."""
+"""Shared training machinery for both stages: the paper's AdamW, checkpoints, loss CSV."""
 from __future__ import annotations
 
 import csv
@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from nnunet_integration.atomic import atomic_write_bytes
 
 
 def make_adamw(
@@ -34,11 +35,8 @@ def make_adamw(
 
 
 def save_checkpoint(path: str | Path, **state: Any) -> None:
-    """torch.save to a temp file then rename, so an interrupted save never corrupts a checkpoint."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    """torch.save, written atomically: an interrupted save never corrupts a checkpoint."""
+    atomic_write_bytes(Path(path), lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -71,22 +69,3 @@ def label_balanced_weights(labels: torch.Tensor) -> torch.Tensor:
     """Sampling weights that show every label equally often, however many patches each has."""
     counts = torch.bincount(labels).float()
     return 1.0 / counts[labels]
-
-
-def progress_bar(disable: bool = False) -> Progress:
-    """The one progress display every long stage uses."""
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=disable,
-    )
-
-
-def cycle(loader: Iterable) -> Iterable:
-    """Endless iteration over a DataLoader (new shuffle each pass)."""
-    while True:
-        yield from loader

@@ -13,7 +13,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pathar_aug.cli import app
-from pathar_aug.evaluation.run import FLOOR, FLOOR_SPLIT, MODEL, RECON, WEAK, _dinov2_arch, parse_feature_spec, scale_check
+from pathar_aug.evaluation.run import FLOOR, FLOOR_SPLIT, MODEL, RECON, WEAK, parse_feature_spec, scale_check
+from pathar_aug.evaluation.inputs import dinov2_arch as _dinov2_arch
 from pathar_aug.evaluation.weak_generator import MarginalTokenGenerator
 from tests.conftest import block_network, write_pair_folders
 

@@ -28,7 +28,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from pathar_aug.cli import app  # noqa: E402
 from pathar_aug.ingest import IngestError, load_pairs  # noqa: E402
-from pathar_aug.synthesize import _safe  # noqa: E402
+from nnunet_integration.names import case_part as _safe  # noqa: E402
 
 IMAGE_MODES = {
     "png": ["gray", "gray16", "rgb", "rgba", "gray_alpha", "palette", "bilevel"],

@@ -19,7 +19,8 @@ from PIL import Image  # noqa: E402
 
 from nnunet_integration.dataset import write_cases  # noqa: E402
 from nnunet_integration.paths import nnunet_env  # noqa: E402
-from nnunet_integration.runner import dice, plan_and_preprocess, predict, train_fold  # noqa: E402
+from nnunet_integration.runner import plan_and_preprocess, predict, train_fold  # noqa: E402
+from pathar_aug.metrics import binary_dice as dice  # noqa: E402
 from nnunet_integration.splits import custom_folds, read_splits, write_splits  # noqa: E402
 from nnunet_integration.toy import disc_case, make_real_dataset  # noqa: E402
 from nnunet_integration.trainer import Schedule, nnUNetTrainerPathar, trainer_search_path  # noqa: E402

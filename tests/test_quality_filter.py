@@ -225,10 +225,11 @@ def test_synthesize_records_scores_and_acceptance(run, raw):
         assert [s["agreement"] for s in mine] == sorted((s["agreement"] for s in mine), reverse=True)
     verify(dataset)
     # the library returns the same numbers
+    from pathar_aug.sampler import SamplingConfig
     from pathar_aug.synthesize import synthesize_into
 
-    result = synthesize_into(run["run"], "511", 4, per_label=True, batch_size=4, oversample=2, min_agreement=0.0,
-                             log=lambda _: None)
+    result = synthesize_into(run["run"], "511", 4, per_label=True, sampling=SamplingConfig(batch_size=4),
+                             oversample=2, min_agreement=0.0, log=lambda _: None)
     assert result.filter == "on" and result.new == 0 and result.present == len(scores)
     for acc in result.labels.values():
         assert acc.requested == 4 and acc.written == sum(f"_{acc.label}-" in n for n in scores)

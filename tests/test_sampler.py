@@ -1,6 +1,8 @@
 """Sampler: logit filtering, classifier-free guidance, KV-cache decoding, seeding, chunking."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -14,12 +16,36 @@ from pathar_aug.sampler import (
     sample_tokens,
     sample_tokens_nocache,
 )
-from pathar_aug.training import progress_bar
+from pathar_aug.reporter import Reporter, Task
 
 from tests.conftest import GRID, K_A, K_S, LABELS, N
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class RecordingReporter(Reporter):
+    """Remembers how far each task it opened got."""
+
+    def __init__(self):
+        super().__init__(lambda _: None)
+        self.completed: list[float] = []
+
+    @contextlib.contextmanager
+    def task(self, description, total=None, completed=0):
+        self.completed.append(completed)
+        k = len(self.completed) - 1
+        outer = self
+
+        class Recording(Task):
+            def advance(self, n=1, info=None):
+                outer.completed[k] += n
+
+            def update(self, completed=None, info=None):
+                if completed is not None:
+                    outer.completed[k] = completed
+
+        yield Recording()
 
 
 @pytest.fixture(scope="module")
@@ -169,9 +195,9 @@ def test_chunked_batches(prior, monkeypatch):
     rows = []
     new_cache = prior.new_cache
     monkeypatch.setattr(prior, "new_cache", lambda b, **kw: rows.append(b) or new_cache(b, **kw))
-    with progress_bar(disable=True) as bar:
-        S, A = sample_tokens(prior, labels, cfg(batch_size=2, seed=11), "cpu", progress=bar)
-        assert bar.tasks[0].completed == 5
+    bar = RecordingReporter()
+    S, A = sample_tokens(prior, labels, cfg(batch_size=2, seed=11), "cpu", progress=bar)
+    assert bar.completed[0] == 5
     assert rows == [4, 4, 2]  # chunks of 2, 2, 1 images, doubled for guidance
     assert S.shape == A.shape == (5, *GRID)
     # the first chunk sees a fresh generator, exactly like sampling its labels alone
@@ -179,6 +205,24 @@ def test_chunked_batches(prior, monkeypatch):
     assert torch.equal(S[:2], S0) and torch.equal(A[:2], A0)
     # chunks are not copies of each other
     assert not torch.equal(A[:2], A[2:4])
+
+
+@pytest.mark.parametrize("guidance", [1.0, 1.5])
+def test_a_chunk_takes_n_plus_one_forward_steps(prior, monkeypatch, guidance):
+    # 2N tokens per image from N + 1 forward calls of the prior per chunk: CLS, then [s_i, a_(i-1)]
+    calls = []
+    for name in ("start", "step", "prefix_logits", "forward"):
+        original = getattr(prior, name)
+        monkeypatch.setattr(prior, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    S, A = sample_tokens(prior, labels, cfg(batch_size=2, guidance=guidance), "cpu")
+    chunks = 3  # 2 + 2 + 1 images
+    assert S.shape == A.shape == (5, *GRID)
+    assert calls.count("start") == chunks and calls.count("step") == chunks * N
+    assert len(calls) == chunks * (N + 1)  # nothing else runs the network
+    calls.clear()
+    sample_tokens_nocache(prior, labels, cfg(batch_size=5, guidance=guidance), "cpu")
+    assert calls.count("prefix_logits") == N + 1 and len(calls) == N + 1
 
 
 def test_sampler_restores_training_mode_and_rejects_bad_labels(prior):

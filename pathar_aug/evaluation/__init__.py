@@ -14,7 +14,8 @@ from .features import (
     load_state_dict_file,
 )
 from .report import EvalConfig, default_extractors, evaluate_sets, save_grid, to_markdown
-from .segmenter import Segmenter, SegmenterConfig, dice
+from ..metrics import binary_dice as dice
+from .segmenter import Segmenter, SegmenterConfig
 from .structure_stats import MaskStats, compare_mask_stats, mask_stats
 from .style_classifier import StyleClassifier, StyleClassifierConfig
 

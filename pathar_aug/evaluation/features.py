@@ -10,13 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
+
+from nnunet_integration.atomic import atomic_write_bytes
+from nnunet_integration.names import file_part
 
 from ..device import resolve_device
 from .images import as_uint8_rgb, batched, hash_arrays, images_to_tensor
@@ -233,10 +235,6 @@ class ColourTextureFeatures:
 
 
 # ------------------------------------------------------------------------------------- caching
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:60]
-
-
 def extract_cached(
     extractor: FeatureExtractor, images: Sequence[np.ndarray], cache_dir: str | Path | None = None
 ) -> np.ndarray:
@@ -245,12 +243,10 @@ def extract_cached(
     if cache_dir is None:
         return np.asarray(extractor.extract(images), dtype=np.float32)
     key = hash_arrays(images, extra=extractor.fingerprint)
-    path = Path(cache_dir) / f"{_safe(extractor.name)}-{key}.npy"
+    path = Path(cache_dir) / f"{file_part(extractor.name)}-{key}.npy"
     if path.is_file():
         return np.load(path)
     feats = np.asarray(extractor.extract(images), dtype=np.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npy")
-    np.save(tmp, feats)
-    tmp.replace(path)
+    atomic_write_bytes(path, lambda f: np.save(f, feats))
     return feats

@@ -12,18 +12,19 @@ import dataclasses
 import json
 import logging
 import math
-import re
-import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw
+from PIL import Image
 from scipy import ndimage
 
-from ..training import progress_bar
+from nnunet_integration.names import file_part
+
+from ..preview import save_grid as preview_grid
+from ..reporter import Reporter, reporter_for
 from .distribution import fid, kid, precision_recall
 from .diversity import LPIPS, mean_pairwise_distance
 from .features import ColourTextureFeatures, FeatureExtractor, StyleClassifierFeatures, extract_cached
@@ -81,7 +82,7 @@ def default_extractors(style_classifier: StyleClassifier | None) -> list[Feature
     return out
 
 
-def _normalise(pairs: Sequence[Pair]) -> list[Pair]:
+def normalise(pairs: Sequence[Pair]) -> list[Pair]:
     return [(as_uint8_rgb(img), as_mask(mask)) for img, mask in pairs]
 
 
@@ -89,9 +90,10 @@ def _model_key(arrays: list[np.ndarray], cfg: object, extra: str) -> str:
     return hash_arrays(arrays, extra=json.dumps(dataclasses.asdict(cfg), sort_keys=True) + extra)
 
 
-def _cached_style_classifier(
-    real: Mapping[str, list[Pair]], cfg: EvalConfig, cache_dir: Path | None
+def cached_style_classifier(
+    real: Mapping[str, list[Pair]], cfg: EvalConfig, cache_dir: Path | None, reporter: Reporter | None = None
 ) -> StyleClassifier:
+    """The style classifier trained on ``real`` (loaded from ``cache_dir`` when trained before)."""
     labels = sorted(real)
     arrays = [img for label in labels for img, _ in real[label]]
     path = None
@@ -101,14 +103,16 @@ def _cached_style_classifier(
         if path.is_file():
             return StyleClassifier.load(path, cfg.device)
     clf = StyleClassifier.fit(
-        {lb: [img for img, _ in real[lb]] for lb in labels}, cfg.style, cfg.device, cfg.progress
+        {lb: [img for img, _ in real[lb]] for lb in labels}, cfg.style, cfg.device,
+        reporter=reporter_for(reporter, progress=cfg.progress),
     )
     if path is not None:
         clf.save(path)
     return clf
 
 
-def _cached_segmenter(real: Mapping[str, list[Pair]], cfg: EvalConfig, cache_dir: Path | None) -> Segmenter:
+def _cached_segmenter(real: Mapping[str, list[Pair]], cfg: EvalConfig, cache_dir: Path | None,
+                      reporter: Reporter | None) -> Segmenter:
     pairs = [p for label in sorted(real) for p in real[label]]
     path = None
     if cache_dir is not None:
@@ -116,7 +120,7 @@ def _cached_segmenter(real: Mapping[str, list[Pair]], cfg: EvalConfig, cache_dir
         path = cache_dir / f"segmenter-{key}.pt"
         if path.is_file():
             return Segmenter.load(path, cfg.device)
-    seg = Segmenter.fit(pairs, cfg.segmenter, cfg.device, cfg.progress)
+    seg = Segmenter.fit(pairs, cfg.segmenter, cfg.device, reporter=reporter_for(reporter, progress=cfg.progress))
     if path is not None:
         seg.save(path)
     return seg
@@ -133,6 +137,7 @@ def evaluate_sets(
     style_classifier: StyleClassifier | None = None,
     segmenter: Segmenter | None = None,
     lpips: LPIPS | None = None,
+    reporter: Reporter | None = None,
 ) -> pd.DataFrame:
     """Compare named generated sets with the real set, per label.
 
@@ -143,14 +148,16 @@ def evaluate_sets(
     style_classifier / segmenter: pre-trained models; otherwise trained on ``real`` (cached in
         ``cache_dir``) unless switched off in ``config``.
     lpips: an ``LPIPS`` built from local weights; without it no "lpips" rows are produced.
+    reporter: where progress goes (none when ``config.progress`` is off).
     Returns the long metrics table (see module doc); writes metrics.csv, metrics.md,
     metadata.json and grid_<label>.png into ``out_dir`` when given.
     """
     cfg = config or EvalConfig()
+    reporter = reporter_for(reporter, progress=cfg.progress)
     if REAL in generated:
         raise ValueError(f"set name {REAL!r} is reserved for the real reference set")
-    real_n = {label: _normalise(pairs) for label, pairs in real.items() if len(pairs)}
-    gen_n = {name: {label: _normalise(pairs) for label, pairs in sets.items() if len(pairs)} for name, sets in generated.items()}
+    real_n = {label: normalise(pairs) for label, pairs in real.items() if len(pairs)}
+    gen_n = {name: {label: normalise(pairs) for label, pairs in sets.items() if len(pairs)} for name, sets in generated.items()}
     unknown = sorted({lb for sets in gen_n.values() for lb in sets} - set(real_n))
     if unknown:
         raise ValueError(f"generated labels without real images: {unknown}")
@@ -159,11 +166,11 @@ def evaluate_sets(
 
     if style_classifier is None and cfg.train_style_classifier:
         if len(real_n) >= 2:
-            style_classifier = _cached_style_classifier(real_n, cfg, cache)
+            style_classifier = cached_style_classifier(real_n, cfg, cache, reporter)
         else:
             log.warning("one label only: no style classifier, no style_score")
     if segmenter is None and cfg.train_segmenter:
-        segmenter = _cached_segmenter(real_n, cfg, cache)
+        segmenter = _cached_segmenter(real_n, cfg, cache, reporter)
     extractors = list(extractors) if extractors is not None else default_extractors(style_classifier)
     names = [e.name for e in extractors]
     if len(set(names)) != len(names):
@@ -176,13 +183,12 @@ def evaluate_sets(
                          n_real=n_real, n_gen=n_gen, ideal="reference" if set_name == REAL else IDEAL.get(metric, "")))
 
     n_jobs = sum(1 + sum(label in sets for sets in gen_n.values()) for label in real_n)
-    with progress_bar(disable=not cfg.progress) as bar:
-        task = bar.add_task("evaluate", total=n_jobs, info="")
+    with reporter.task("evaluate", total=n_jobs) as task:
         for label in sorted(real_n):
             r_pairs = real_n[label]
             r_imgs = [p[0] for p in r_pairs]
             nr = len(r_pairs)
-            bar.update(task, info=f"{label} / {REAL}")
+            task.update(info=f"{label} / {REAL}")
             r_feats = {e.name: extract_cached(e, r_imgs, feat_cache) for e in extractors}
             r_stats = mask_stats([p[1] for p in r_pairs], cfg.min_area, cfg.full_threshold)
             # the real set's own descriptive values: the reference for every "≈ real" metric
@@ -194,12 +200,12 @@ def evaluate_sets(
                 add(label, REAL, lpips.name, "lpips", value, nr, nr)
             for metric, value in r_stats.summary().items():
                 add(label, REAL, "masks", metric, value, nr, nr)
-            bar.advance(task)
+            task.advance(1)
 
             for set_name, sets in gen_n.items():
                 if label not in sets:
                     continue
-                bar.update(task, info=f"{label} / {set_name}")
+                task.update(info=f"{label} / {set_name}")
                 g_pairs = sets[label]
                 g_imgs = [p[0] for p in g_pairs]
                 ng = len(g_pairs)
@@ -227,7 +233,7 @@ def evaluate_sets(
                 if segmenter is not None:
                     add(label, set_name, "segmenter", "image_mask_dice",
                         float(np.mean(segmenter.dice_against(g_pairs))), nr, ng)
-                bar.advance(task)
+                task.advance(1)
 
     df = pd.DataFrame(rows, columns=COLUMNS)
     df = pd.concat([df, _label_means(df, len(real_n))], ignore_index=True)
@@ -251,7 +257,7 @@ def evaluate_sets(
         (out / "metadata.json").write_text(json.dumps(meta, indent=2, default=str))
         for label in sorted(real_n):
             rows_grid = [(REAL, real_n[label])] + [(s, sets[label]) for s, sets in gen_n.items() if label in sets]
-            save_grid(rows_grid, out / f"grid_{_safe(label)}.png", cfg.grid_samples, cfg.grid_cell)
+            save_grid(rows_grid, out / f"grid_{grid_name(label)}.png", cfg.grid_samples, cfg.grid_cell)
     df.attrs["metadata"] = meta
     return df
 
@@ -274,7 +280,7 @@ def _fmt(v: object) -> str:
     return str(v)
 
 
-def _md_table(header: list[str], body: list[list[object]]) -> str:
+def md_table(header: list[str], body: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in body]
     return "\n".join(lines)
@@ -306,12 +312,13 @@ def to_markdown(df: pd.DataFrame, meta: Mapping | None = None) -> str:
             n = ns.loc[(label, set_name)]
             body.append([label, set_name, int(n["n_real"]), int(n["n_gen"]),
                          *[row.get(m, float("nan")) for m in metrics]])
-        parts.append(_md_table(header, body))
+        parts.append(md_table(header, body))
     return "\n".join(parts) + "\n"
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:60] or "label"
+def grid_name(label: str) -> str:
+    """The file name part of a label's sample grid: ``grid_<grid_name(label)>.png``."""
+    return file_part(label, fallback="label")
 
 
 def _cell(image: np.ndarray, mask: np.ndarray, size: int) -> Image.Image:
@@ -326,17 +333,5 @@ def _cell(image: np.ndarray, mask: np.ndarray, size: int) -> Image.Image:
 
 def save_grid(rows: Sequence[tuple[str, Sequence[Pair]]], path: str | Path, n: int = 8, cell: int = 96) -> None:
     """PNG grid: one row per named set, its first ``n`` samples with mask outlines."""
-    head, pad = 110, 2
-    cols = max(1, min(n, max((len(p) for _, p in rows), default=1)))
-    grid = Image.new("RGB", (head + cols * (cell + pad), len(rows) * (cell + pad)), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
-    for r, (name, pairs) in enumerate(rows):
-        y = r * (cell + pad)
-        # long set names ("real held-out vs real training") wrap onto up to three lines
-        lines = textwrap.wrap(name, 17)[:max(1, min(3, cell // 12))] or [""]
-        for i, line in enumerate(lines):
-            draw.text((4, y + cell // 2 - 6 * len(lines) + 12 * i), line, fill=(0, 0, 0))
-        for c, (img, mask) in enumerate(list(pairs)[:cols]):
-            grid.paste(_cell(img, mask, cell), (head + c * (cell + pad), y))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    tiles = [[np.asarray(_cell(img, mask, cell)) for img, mask in list(pairs)[:n]] for _, pairs in rows]
+    preview_grid(tiles, path, names=[name for name, _ in rows])

@@ -7,8 +7,6 @@ real pairs (``val_dice``, or a "real held-out" set) is the ceiling to read gener
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -18,23 +16,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..device import resolve_device
-from ..training import make_adamw, progress_bar
+from ..metrics import binary_dice
+from ..reporter import Reporter, reporter_for
+from ..tokenizer import dice_loss
+from .fitting import fingerprint, net_config, save_net, train_steps
 from .images import Pair, as_mask, as_uint8_rgb, batched, images_to_tensor
 
 
-@dataclass(frozen=True)
-class SegmenterConfig:
-    # sized for a CPU: 300 steps of 8 random 64 px crops (of patches resized to 128 px) take about
-    # a minute on two idle cores; the network is fully convolutional, so it predicts whole patches
-    image_size: int = 128
-    crop: int = 64
-    width: int = 12
-    steps: int = 300
-    batch_size: int = 8
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-    val_fraction: float = 0.15
-    seed: int = 0
+# sized for a CPU: 300 steps of 8 random 64 px crops (of patches resized to 128 px) take about a
+# minute on two idle cores; the network is fully convolutional, so it predicts whole patches
+SegmenterConfig = net_config("SegmenterConfig", "How the agreement segmenter is trained.", __name__, image_size=128, crop=64,
+                             width=12, steps=300, batch_size=8, lr=3e-3, weight_decay=1e-4, val_fraction=0.15, seed=0)
 
 
 def _norm(c: int) -> nn.GroupNorm:
@@ -72,13 +64,6 @@ class SmallUNet(nn.Module):
             h = F.interpolate(h, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             h = up(torch.cat([h, skip], 1))
         return self.out(h)[:, 0]
-
-
-def dice(pred: np.ndarray, target: np.ndarray) -> float:
-    """Binary Dice; two empty masks agree perfectly (1.0)."""
-    p, t = np.asarray(pred) > 0, np.asarray(target) > 0
-    denom = p.sum() + t.sum()
-    return 1.0 if denom == 0 else float(2.0 * (p & t).sum() / denom)
 
 
 def _masks_to_tensor(masks: Sequence[np.ndarray], size: int) -> torch.Tensor:
@@ -120,6 +105,7 @@ class Segmenter:
         config: SegmenterConfig | None = None,
         device: str | None = "auto",
         progress: bool = True,
+        reporter: Reporter | None = None,
     ) -> "Segmenter":
         self = cls(config, device)
         cfg = self.config
@@ -137,35 +123,25 @@ class Segmenter:
 
         torch.manual_seed(cfg.seed)
         self.net = SmallUNet(cfg.width).to(self.device)
-        opt = make_adamw(self.net, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        self.net.train()
-        with progress_bar(disable=not progress) as bar:
-            task = bar.add_task("segmenter", total=cfg.steps, info="")
-            for _ in range(cfg.steps):
-                idx = torch.randint(len(x_all), (cfg.batch_size,), generator=gen)
-                x, y = _random_crops(x_all[idx], y_all[idx], cfg.crop, gen)
-                x, y = x.float().div_(255.0), y.float()
-                if torch.rand(1, generator=gen).item() < 0.5:
-                    x, y = x.flip(-1), y.flip(-1)
-                if torch.rand(1, generator=gen).item() < 0.5:
-                    x, y = x.transpose(-1, -2), y.transpose(-1, -2)
-                # mild photometric jitter: generated images are near, not equal to, real appearance
-                gain = 1 + 0.2 * (torch.rand(len(x), 1, 1, 1, generator=gen) - 0.5)
-                bias = 0.1 * (torch.rand(len(x), 1, 1, 1, generator=gen) - 0.5)
-                x = (x * gain + bias).clamp(0, 1).to(self.device)
-                y = y.to(self.device)
-                logits = self.net(x)
-                prob = logits.sigmoid()
-                soft_dice = 1 - (2 * (prob * y).sum((1, 2)) + 1) / (prob.sum((1, 2)) + y.sum((1, 2)) + 1)
-                loss = F.binary_cross_entropy_with_logits(logits, y) + soft_dice.mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                bar.update(task, advance=1, info=f"loss {loss.item():.3f}")
-        self.net.eval()
+
+        def loss_of_batch(gen: torch.Generator) -> torch.Tensor:
+            idx = torch.randint(len(x_all), (cfg.batch_size,), generator=gen)
+            x, y = _random_crops(x_all[idx], y_all[idx], cfg.crop, gen)
+            x, y = x.float().div_(255.0), y.float()
+            if torch.rand(1, generator=gen).item() < 0.5:
+                x, y = x.flip(-1), y.flip(-1)
+            if torch.rand(1, generator=gen).item() < 0.5:
+                x, y = x.transpose(-1, -2), y.transpose(-1, -2)
+            # mild photometric jitter: generated images are near, not equal to, real appearance
+            gain = 1 + 0.2 * (torch.rand(len(x), 1, 1, 1, generator=gen) - 0.5)
+            bias = 0.1 * (torch.rand(len(x), 1, 1, 1, generator=gen) - 0.5)
+            x = (x * gain + bias).clamp(0, 1).to(self.device)
+            y = y.to(self.device)
+            logits = self.net(x)
+            return F.binary_cross_entropy_with_logits(logits, y) + dice_loss(logits, y)
+
+        train_steps(self.net, loss_of_batch, cfg.steps, cfg.lr, cfg.weight_decay, 0.1, cfg.seed,
+                    reporter_for(reporter, progress=progress), "segmenter")
         if val:
             self.val_dice = float(np.mean(self.dice_against(val)))
         return self
@@ -191,30 +167,14 @@ class Segmenter:
         """Dice(segmenter(image), mask) for every (image, mask) pair; ideal 1."""
         pairs = list(pairs)
         preds = self.predict([p[0] for p in pairs])
-        return np.asarray([dice(pr, as_mask(m)) for pr, (_, m) in zip(preds, pairs)])
+        return np.asarray([binary_dice(pr, as_mask(m)) for pr, (_, m) in zip(preds, pairs)])
 
     @property
     def fingerprint(self) -> str:
-        h = hashlib.sha256(b"segmenter")
-        for k, v in self.net.state_dict().items():
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+        return fingerprint(self.net, b"segmenter")
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(
-            {
-                "config": dataclasses.asdict(self.config),
-                "state_dict": {k: v.cpu() for k, v in self.net.state_dict().items()},
-                "val_dice": self.val_dice,
-                "n_train": self.n_train,
-            },
-            tmp,
-        )
-        tmp.replace(path)
+        save_net(path, self.net, config=dataclasses.asdict(self.config), val_dice=self.val_dice, n_train=self.n_train)
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = "auto") -> "Segmenter":

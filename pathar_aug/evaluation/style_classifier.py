@@ -7,8 +7,6 @@ patches is stored with it: a Style Score is only meaningful next to that ceiling
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -18,23 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..device import resolve_device
-from ..training import make_adamw, progress_bar
+from ..reporter import Reporter, reporter_for
+from .fitting import fingerprint, net_config, save_net, train_steps
 from .images import as_uint8_rgb, batched, images_to_tensor
 
 
-@dataclass(frozen=True)
-class StyleClassifierConfig:
-    # sized for a CPU: 200 steps of 32 random 48 px crops (of patches resized to 64 px) take under
-    # a minute on two idle cores; global pooling lets it classify whole 64 px patches afterwards
-    image_size: int = 64
-    crop: int = 48
-    width: int = 16
-    steps: int = 200
-    batch_size: int = 32
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    val_fraction: float = 0.2
-    seed: int = 0
+# sized for a CPU: 200 steps of 32 random 48 px crops (of patches resized to 64 px) take under a
+# minute on two idle cores; global pooling lets it classify whole 64 px patches afterwards
+StyleClassifierConfig = net_config("StyleClassifierConfig", "How the Style-Score classifier is trained.", __name__,
+                                   image_size=64, crop=48, width=16, steps=200, batch_size=32, lr=2e-3,
+                                   weight_decay=1e-4, val_fraction=0.2, seed=0)
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -100,6 +91,7 @@ class StyleClassifier:
         config: StyleClassifierConfig | None = None,
         device: str | None = "auto",
         progress: bool = True,
+        reporter: Reporter | None = None,
     ) -> "StyleClassifier":
         """Train on real images of each label; keeps a stratified validation split for accuracy."""
         labels = sorted(images_by_label)
@@ -126,28 +118,20 @@ class StyleClassifier:
 
         torch.manual_seed(cfg.seed)
         self.net = SmallCNN(len(labels), cfg.width).to(self.device)
-        opt = make_adamw(self.net, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.15)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        self.net.train()
-        with progress_bar(disable=not progress) as bar:
-            task = bar.add_task("style classifier", total=cfg.steps, info="")
-            for step in range(cfg.steps):
-                # class-balanced batches: an over-represented label must not dominate the score
-                cls_idx = torch.randint(len(labels), (cfg.batch_size,), generator=gen)
-                idx = torch.empty(cfg.batch_size, dtype=torch.long)
-                for c, members in enumerate(by_class):
-                    sel = cls_idx == c
-                    idx[sel] = members[torch.randint(len(members), (int(sel.sum()),), generator=gen)]
-                xb = _augment(x_all[idx].float().div_(255.0), gen, cfg.crop).to(self.device)
-                yb = y_all[idx].to(self.device)
-                loss = F.cross_entropy(self.net(xb), yb, label_smoothing=0.05)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                bar.update(task, advance=1, info=f"loss {loss.item():.3f}")
-        self.net.eval()
+
+        def loss_of_batch(gen: torch.Generator) -> torch.Tensor:
+            # class-balanced batches: an over-represented label must not dominate the score
+            cls_idx = torch.randint(len(labels), (cfg.batch_size,), generator=gen)
+            idx = torch.empty(cfg.batch_size, dtype=torch.long)
+            for c, members in enumerate(by_class):
+                sel = cls_idx == c
+                idx[sel] = members[torch.randint(len(members), (int(sel.sum()),), generator=gen)]
+            xb = _augment(x_all[idx].float().div_(255.0), gen, cfg.crop).to(self.device)
+            yb = y_all[idx].to(self.device)
+            return F.cross_entropy(self.net(xb), yb, label_smoothing=0.05)
+
+        train_steps(self.net, loss_of_batch, cfg.steps, cfg.lr, cfg.weight_decay, 0.15, cfg.seed,
+                    reporter_for(reporter, progress=progress), "style classifier")
         if val_x:
             pred = self.predict_indices(val_x)
             self.val_accuracy = float((pred == np.asarray(val_y)).mean())
@@ -188,27 +172,11 @@ class StyleClassifier:
     # ------------------------------------------------------------------------------- persistence
     @property
     def fingerprint(self) -> str:
-        h = hashlib.sha256("|".join(self.labels).encode())
-        for k, v in self.net.state_dict().items():
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+        return fingerprint(self.net, "|".join(self.labels).encode())
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(
-            {
-                "labels": self.labels,
-                "config": dataclasses.asdict(self.config),
-                "state_dict": {k: v.cpu() for k, v in self.net.state_dict().items()},
-                "val_accuracy": self.val_accuracy,
-                "n_train": self.n_train,
-            },
-            tmp,
-        )
-        tmp.replace(path)
+        save_net(path, self.net, labels=self.labels, config=dataclasses.asdict(self.config),
+                 val_accuracy=self.val_accuracy, n_train=self.n_train)
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = "auto") -> "StyleClassifier":

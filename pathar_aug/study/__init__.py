@@ -45,19 +45,8 @@ from pathar_aug.study.plan import Plan, make_plan, pick_tiles
 from pathar_aug.study.prepare import Prepared, prepare, preprocess
 from pathar_aug.study.report import markdown_table, summarize, write_report
 from pathar_aug.study.run import run_benchmark
-from pathar_aug.study.settings import (
-    AVERAGE,
-    DEMO_DATA,
-    KIND_CLASSICAL,
-    KIND_FILTERED,
-    KIND_GENERATED,
-    KIND_REAL,
-    KIND_RENDERED,
-    METRICS,
-    BenchmarkSettings,
-    Group,
-    plan_groups,
-)
+from pathar_aug.study.settings import (AVERAGE, DEMO_DATA, KIND_CLASSICAL, KIND_FILTERED, KIND_GENERATED, KIND_REAL,
+                                       KIND_RENDERED, METRICS, BenchmarkSettings, Group, plan_groups)
 
 __all__ = ["AVERAGE", "DEMO_DATA", "KIND_CLASSICAL", "KIND_FILTERED", "KIND_GENERATED", "KIND_REAL", "KIND_RENDERED", "METRICS",
            "BenchmarkSettings", "Group", "Plan", "Prepared", "make_plan", "markdown_table", "pick_tiles", "plan_groups",

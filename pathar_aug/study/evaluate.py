@@ -6,13 +6,13 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from pathar_aug.config import save_json
-from pathar_aug.study.logs import captured, progress_display
+from pathar_aug.reporter import Log, Reporter, reporter_for
+from pathar_aug.study.logs import captured
 from pathar_aug.study.plan import INSTANCES_FILE, Plan
 from pathar_aug.study.prepare import Prepared, State
 from pathar_aug.study.settings import (
@@ -22,8 +22,6 @@ from pathar_aug.study.settings import (
     BenchmarkSettings,
     utc_now,
 )
-
-Log = Callable[[str], None]
 
 def _fold_signature(checkpoint: Path) -> list[int]:
     st = checkpoint.stat()
@@ -47,23 +45,21 @@ def curve_folds(settings: BenchmarkSettings) -> set[tuple[str, int]]:
 def score_fold(preds: dict[str, np.ndarray], truth: dict[str, np.ndarray], plan: Plan) -> dict:
     """Per validation case Dice / AJI / PQ, their means per label, and pooled Dice per label."""
     from pathar_aug.instance_metrics import tile_scores
+    from pathar_aug.metrics import binary_dice
 
     per_case = {c: tile_scores(pred, truth[c]) for c, pred in preds.items()}
     out = {"scores_per_case": per_case}
     for metric in METRICS:
         out[f"{metric}_per_label"] = {label: float(np.mean([per_case[c][metric] for c in plan.val[label]]))
                                       for label in plan.labels}
-    pooled = {}
-    for label in plan.labels:
-        inter = sum(int(np.logical_and(preds[c] > 0, truth[c] > 0).sum()) for c in plan.val[label])
-        total = sum(int((preds[c] > 0).sum() + (truth[c] > 0).sum()) for c in plan.val[label])
-        pooled[label] = 2 * inter / total if total else 1.0
-    out["pooled_dice_per_label"] = pooled
+    out["pooled_dice_per_label"] = {  # over all of a label's validation pixels at once
+        label: binary_dice(np.concatenate([preds[c].ravel() for c in plan.val[label]]),
+                           np.concatenate([truth[c].ravel() for c in plan.val[label]])) for label in plan.labels}
     return out
 
 
-def train_and_evaluate(prepared: Prepared, identifier: str, device: torch.device, log: Log = print,
-                       show_progress: bool = True) -> dict[str, dict]:
+def train_and_evaluate(prepared: Prepared, identifier: str, device: torch.device, log: Log | None = None,
+                       show_progress: bool = True, reporter: Reporter | None = None) -> dict[str, dict]:
     """Write the folds, train each with nnU-Net's trainer (skipping finished ones), segment the
     validation tiles with nnU-Net's predictor and cache per-case Dice, AJI and PQ (and, for the
     curve folds, the same at 25 / 50 / 75 % of the schedule); returns fold results by name."""
@@ -87,6 +83,8 @@ def _train_and_evaluate(prepared: Prepared, identifier: str, device: torch.devic
     from nnunet_integration.splits import custom_folds
     from nnunet_integration.trainer import snapshot_path
 
+    reporter = reporter_for(reporter, log, show_progress)
+    log = reporter.log
     settings, plan, out = prepared.settings, prepared.plan, prepared.out
     base_schedule = settings.nnunet_schedule()
     with_curve = curve_folds(settings)
@@ -102,8 +100,7 @@ def _train_and_evaluate(prepared: Prepared, identifier: str, device: torch.devic
         if not splits_file.is_file() or json.loads(splits_file.read_text()) != folds:
             custom_folds(prepared.dataset, folds, nnunet_preprocessed=prepared.dirs["preprocessed"])
         model_dir = model_folder(settings.dataset_id, identifier)
-        with progress_display(not show_progress) as progress:
-            overall = progress.add_task("nnU-Net groups", total=len(plan.folds), info="")
+        with reporter.task("nnU-Net groups", total=len(plan.folds)) as overall:
             for k, fold in enumerate(plan.folds):
                 g = groups[fold["group"]]
                 name = f"fold{k:02d}-{g.numeral}-{g.key}-seed{fold['seed']}"
@@ -115,7 +112,7 @@ def _train_and_evaluate(prepared: Prepared, identifier: str, device: torch.devic
                     if cached.get("checkpoint") == _fold_signature(final):
                         cached["reused"] = True
                         results[name] = cached
-                        progress.update(overall, advance=1)
+                        overall.advance(1)
                         log(f"  {g.numeral:>4} {g.description} (seed {fold['seed']}): cached, mean Dice "
                             f"{np.mean(list(cached['dice_per_label'].values())):.3f}")
                         continue
@@ -123,24 +120,23 @@ def _train_and_evaluate(prepared: Prepared, identifier: str, device: torch.devic
                 if (g.key, fold["seed"]) in with_curve:
                     schedule = dataclasses.replace(schedule, snapshot_epochs=schedule.curve_epochs())
                 label = f"{g.numeral} {g.description}" + (f" s{fold['seed']}" if settings.seeds > 1 else "")
-                progress.update(overall, info=label)
-                task = progress.add_task(f"  {label}", total=schedule.epochs, info="")
-
-                def on_line(line: str, task=task) -> None:
-                    m = re.search(r"\bEpoch (\d+)\s*$", line)
-                    if m:
-                        progress.update(task, completed=int(m.group(1)))
-                    m = re.search(r"train_loss (-?[\d.]+)", line)
-                    if m:
-                        progress.update(task, info=f"loss {float(m.group(1)):.3f}")
-
+                overall.update(info=label)
                 resumed_training = final.exists()
                 t = time.time()
-                with captured(folder / "nnunet_train.log", on_line):
-                    train_fold(settings.dataset_id, k, schedule, device=nn_device, plans_identifier=identifier,
-                               num_workers=1 if device.type == "cpu" else None)
+                with reporter.task(f"  {label}", total=schedule.epochs) as task:
+
+                    def on_line(line: str, task=task) -> None:
+                        m = re.search(r"\bEpoch (\d+)\s*$", line)
+                        if m:
+                            task.update(completed=int(m.group(1)))
+                        m = re.search(r"train_loss (-?[\d.]+)", line)
+                        if m:
+                            task.update(info=f"loss {float(m.group(1)):.3f}")
+
+                    with captured(folder / "nnunet_train.log", on_line):
+                        train_fold(settings.dataset_id, k, schedule, device=nn_device, plans_identifier=identifier,
+                                   num_workers=1 if device.type == "cpu" else None)
                 train_s = time.time() - t
-                progress.update(task, completed=schedule.epochs)
                 t = time.time()
                 val_cases = fold["val"]
                 images = [prepared.dataset / cases[c]["images"][0] for c in val_cases]
@@ -186,8 +182,7 @@ def _train_and_evaluate(prepared: Prepared, identifier: str, device: torch.devic
                 results[name] = result
                 state.data["folds"][name] = {"train_s": result["train_s"], "predict_s": result["predict_s"]}
                 state.save()
-                progress.remove_task(task)
-                progress.update(overall, advance=1)
+                overall.advance(1)
                 log(f"  {g.numeral:>4} {g.description} (seed {fold['seed']}): "
                     + ", ".join(f"{label} {v:.3f}" for label, v in result["dice_per_label"].items())
                     + f"  [train {train_s:.0f} s, predict {predict_s:.0f} s]")

@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 from typing import Callable, Iterator
 
+
 class Tee(io.TextIOBase):
     """stdout replacement while nnU-Net runs: everything goes to a log file; ``on_line`` sees each line."""
 
@@ -38,9 +39,3 @@ def captured(path: Path, on_line: Callable[[str], None] | None = None) -> Iterat
             yield
     finally:
         tee.close()
-
-
-def progress_display(disable: bool):
-    from pathar_aug.training import progress_bar
-
-    return progress_bar(disable=disable)

@@ -20,12 +20,14 @@ from pathar_aug.pipeline import (
     RUN_FILE,
     Generator,
     RunError,
+    RunInfo,
     load_generator,
     make_settings,
     train_run,
 )
+from pathar_aug.reporter import Log, Reporter, reporter_for
 from pathar_aug.sampler import SamplingConfig
-from pathar_aug.study.logs import captured, progress_display
+from pathar_aug.study.logs import captured
 from pathar_aug.study.plan import (
     INSTANCES_FILE,
     Plan,
@@ -49,77 +51,52 @@ from pathar_aug.study.settings import (
 )
 from pathar_aug.tokenizer import TOKENIZER_PRESETS
 
-Log = Callable[[str], None]
-
 # ------------------------------------------------------------------------- writing the dataset
-def _write_real_cases(dataset: Path, cases: list[tuple[str, np.ndarray, np.ndarray]], log: Log) -> None:
+def _write_real_cases(dataset: Path, cases: list[tuple[str, np.ndarray, np.ndarray]], labels: dict[str, str],
+                      reporter: Reporter) -> None:
     """Real tiles as plain nnU-Net cases (before any synthetic case, so they stay 'real')."""
-    from nnunet_integration.atomic import atomic_write_bytes, atomic_write_json
-    from nnunet_integration.dataset import (
-        list_cases,
-        png_bytes,
-        prepare_pair,
-        read_dataset_json,
-    )
-    from nnunet_integration.manifest import case_files, load_manifest
+    from nnunet_integration.dataset import SyntheticCasesPresent, write_real_cases
 
-    listed = set(list_cases(dataset))
-    missing = [c for c in cases if c[0] not in listed]
-    if not missing:
-        return
-    if load_manifest(dataset) is not None:
-        raise RunError(f"{dataset} lacks {len(missing)} real case(s) (e.g. {missing[0][0]}) but already holds "
-                       "synthetic ones; delete the benchmark's --out folder and run again")
-    for name, image, mask in missing:
-        image, mask = prepare_pair(name, image, mask)
-        image_rel, label_rel = case_files(name)
-        atomic_write_bytes(dataset / label_rel, png_bytes(mask))  # label first: an image never lacks its label
-        atomic_write_bytes(dataset / image_rel, png_bytes(image))
-    dj, _ = read_dataset_json(dataset)
-    dj["numTraining"] = len(list_cases(dataset, dj))
-    atomic_write_json(dataset / "dataset.json", dj)
-    log(f"  wrote {len(missing)} real tile cases")
-
-
-def _committed(dataset: Path) -> set[str]:
-    from nnunet_integration.manifest import COMMITTED, load_manifest
-
-    manifest = load_manifest(dataset)
-    return set(manifest.names(COMMITTED)) if manifest else set()
+    try:
+        written = write_real_cases(dataset, cases, labels=labels, resume=True)
+    except SyntheticCasesPresent as exc:
+        raise RunError(f"{dataset} lacks {len(exc.missing)} real case(s) (e.g. {exc.missing[0]}) but already holds "
+                       "synthetic ones; delete the benchmark's --out folder and run again") from None
+    if written:
+        reporter.log(f"  wrote {len(written)} real tile cases")
 
 
 def _write_synthetic(dataset: Path, kind: str, seed: int, batch_settings: dict, per_label: dict[str, list[str]],
                      make_chunk: Callable[[str, int, int, int], tuple[torch.Tensor, torch.Tensor]],
-                     chunk: int, progress) -> int:
+                     chunk: int, reporter: Reporter) -> int:
     """Write the synthetic cases of one kind and seed, making only the chunks not committed yet.
 
     ``make_chunk(label, label_index, start, stop)`` returns (images B x 3 x P x P uint8, masks B x 1 x P x P)."""
-    from nnunet_integration.dataset import write_cases
-    from nnunet_integration.manifest import SYNTHETIC_PREFIX
+    from nnunet_integration.cases import committed_ids
+    from nnunet_integration.dataset import write_chunks
+    from nnunet_integration.manifest import synthetic_case_id
 
-    done = _committed(dataset)
     batch = f"{BATCH_TAG[kind]}-s{seed}"
-    total = sum(len(v) for v in per_label.values())
-    todo = sum(1 for v in per_label.values() for n in v if n not in done)
-    if todo == 0:
+    ids = {label: [synthetic_case_id(batch, name) for name in names] for label, names in per_label.items()}
+    done = committed_ids(dataset, batch)
+    if all(i in done for v in ids.values() for i in v):
         return 0
-    task = progress.add_task(f"{KIND_TEXT[kind]} (seed {seed})", total=total, info="")
+    chunks, parts = [], []
+    for li, (label, names) in enumerate(ids.items()):
+        for start in range(0, len(names), chunk):
+            stop = min(start + chunk, len(names))
+            chunks.append(names[start:stop])
+            parts.append((label, li, start, stop))
 
-    def cases():
-        for li, (label, names) in enumerate(per_label.items()):
-            for start in range(0, len(names), chunk):
-                stop = min(start + chunk, len(names))
-                if all(n in done for n in names[start:stop]):
-                    progress.update(task, advance=stop - start)
-                    continue
-                images, masks = make_chunk(label, li, start, stop)
-                for j, name in enumerate(names[start:stop]):
-                    case_id = name[len(SYNTHETIC_PREFIX) + len(batch) + 1:]
-                    yield case_id, images[j].permute(1, 2, 0).numpy(), masks[j, 0].numpy().astype(np.uint8)
-                progress.update(task, advance=stop - start)
+    def cases(c: int):
+        images, masks = make_chunk(*parts[c])
+        for j, case_id in enumerate(chunks[c]):
+            yield case_id, images[j].permute(1, 2, 0).numpy(), masks[j, 0].numpy().astype(np.uint8)
 
-    report = write_cases(dataset, cases(), settings={**batch_settings, "kind": kind, "seed": seed},
-                         batch=batch, commit_every=chunk)
+    with reporter.task(f"{KIND_TEXT[kind]} (seed {seed})", total=sum(map(len, chunks))) as task:
+        report = write_chunks(dataset, chunks, cases, settings={**batch_settings, "kind": kind, "seed": seed},
+                              batch=batch, commit_every=chunk,
+                              labels={i: label for label, v in ids.items() for i in v}, on_chunk=task.advance)
     return len(report.written)
 
 
@@ -129,18 +106,15 @@ def resolve_split(settings: BenchmarkSettings) -> tuple[float, int]:
     """The validation split: explicit settings, else the model's own split, else 0.2 / seed 0."""
     vf, seed = settings.val_fraction, settings.split_seed
     if settings.model and (vf is None or seed is None):
-        run = json.loads((Path(settings.model) / RUN_FILE).read_text()) if (Path(settings.model) / RUN_FILE).exists() else None
-        if run is None:
-            raise RunError(f"{settings.model} is not a pathar-aug run folder (no {RUN_FILE})")
-        vf = run["settings"]["val_fraction"] if vf is None else vf
-        seed = run["settings"]["seed"] if seed is None else seed
+        run = RunInfo.load(settings.model).settings
+        vf = run.val_fraction if vf is None else vf
+        seed = run.seed if seed is None else seed
     return (DEFAULT_VAL_FRACTION if vf is None else vf), (0 if seed is None else seed)
 
 
 def check_heldout(run_dir: Path, val_sources: dict[str, list[str]]) -> None:
     """Every validation source image must be among the run's held-out images (never trained on)."""
-    data = json.loads((Path(run_dir) / RUN_FILE).read_text())["data"]
-    heldout = set(data.get("heldout_sources", []))
+    heldout = set(RunInfo.load(run_dir).heldout_sources)
     leaked = [(label, s) for label, sources in val_sources.items() for s in sources if s not in heldout]
     if leaked:
         label, source = leaked[0]
@@ -153,7 +127,7 @@ def check_heldout(run_dir: Path, val_sources: dict[str, list[str]]) -> None:
 
 
 def _generator(settings: BenchmarkSettings, out: Path, device: torch.device, split: tuple[float, int],
-               show_progress: bool, log: Log) -> tuple[Generator, bool]:
+               reporter: Reporter) -> tuple[Generator, bool]:
     """(generator, whether it was trained now): the given model, else one trained on the pool in ``out``."""
     if settings.model:
         return load_generator(settings.model, device), False
@@ -162,12 +136,11 @@ def _generator(settings: BenchmarkSettings, out: Path, device: torch.device, spl
         return load_generator(run_dir, device), False
     except RunError:
         pass
-    log(f"[benchmark] training a generator ({settings.preset} preset) on the real training pool only -> {run_dir}")
+    reporter.log(f"[benchmark] training a generator ({settings.preset} preset) on the real training pool only -> {run_dir}")
     run_settings = make_settings(Path(settings.images), Path(settings.masks),
                                  Path(settings.labels_csv) if settings.labels_csv else None, settings.preset,
                                  val_fraction=split[0], seed=split[1])
-    train_run(run_dir, run_settings, device, resume=(run_dir / RUN_FILE).exists(), show_progress=show_progress,
-              log=log)
+    train_run(run_dir, run_settings, device, resume=(run_dir / RUN_FILE).exists(), reporter=reporter)
     return load_generator(run_dir, device), True
 
 
@@ -230,11 +203,13 @@ def nnunet_dirs(out: Path) -> dict[str, Path]:
     return {"raw": out / "nnUNet_raw", "preprocessed": out / "nnUNet_preprocessed", "results": out / "nnUNet_results"}
 
 
-def prepare(settings: BenchmarkSettings, out: str | Path, device: torch.device, log: Log = print,
-            show_progress: bool = True) -> Prepared:
+def prepare(settings: BenchmarkSettings, out: str | Path, device: torch.device, log: Log | None = None,
+            show_progress: bool = True, reporter: Reporter | None = None) -> Prepared:
     """Split, pick tiles, (train or load) the generator, and write the one raw nnU-Net dataset."""
     from nnunet_integration.paths import nnunet_env, resolve_dataset
 
+    reporter = reporter_for(reporter, log, show_progress)
+    log = reporter.log
     out = Path(out).resolve()
     _check_settings(out, settings, write=False)  # every check before anything is written
     split = resolve_split(settings)
@@ -250,8 +225,7 @@ def prepare(settings: BenchmarkSettings, out: str | Path, device: torch.device, 
     generator = None
     if settings.model:
         generator = load_generator(settings.model, device) if needs_generator else None
-        patch = generator.patch_size if generator else \
-            json.loads((Path(settings.model) / RUN_FILE).read_text())["settings"]["tokenizer"]["patch_size"]
+        patch = generator.patch_size if generator else RunInfo.load(settings.model).settings.tokenizer.patch_size
     else:
         patch = TOKENIZER_PRESETS[settings.preset].patch_size if settings.preset in TOKENIZER_PRESETS else None
         if patch is None:
@@ -274,7 +248,7 @@ def prepare(settings: BenchmarkSettings, out: str | Path, device: torch.device, 
     model_dir = Path(settings.model) if settings.model else (out / "generator" if needs_generator else None)
     if needs_generator and generator is None:
         t = time.time()
-        generator, trained = _generator(settings, out, device, split, show_progress, log)
+        generator, trained = _generator(settings, out, device, split, reporter)
         if trained:
             state.data["stages"]["generator_training_s"] = round(time.time() - t, 1)
             state.save()
@@ -301,42 +275,41 @@ def prepare(settings: BenchmarkSettings, out: str | Path, device: torch.device, 
     def arrays(patches: PatchSet, i: int) -> tuple[np.ndarray, np.ndarray]:
         return patches.images[i].permute(1, 2, 0).numpy(), patches.masks[i, 0].numpy()
 
-    _write_real_cases(dataset, [(name, *arrays(p, i)) for name, (p, i) in sorted(real_cases.items())], log)
+    _write_real_cases(dataset, [(name, *arrays(p, i)) for name, (p, i) in sorted(real_cases.items())],
+                      {name: p.label_names[int(p.labels[i])] for name, (p, i) in sorted(real_cases.items())}, reporter)
     np.savez_compressed(out / INSTANCES_FILE, **{tiles.val_names[i]: val_instances[i] for i in index["val"]})
-    labels_file = dataset / "pathar_aug_labels.json"
-    save_json({name: p.label_names[int(p.labels[i])] for name, (p, i) in sorted(real_cases.items())}, labels_file)
     state.data["stages"]["real_cases_s"] = round(time.time() - t, 1)
     state.save()
 
     sampling = dict(guidance=settings.guidance, temperature=settings.temperature, top_k=settings.top_k,
                     top_p=settings.top_p)
     batch_settings = {"model": str(model_dir) if model_dir else None, **sampling, "patch": patch}
-    with progress_display(not show_progress) as progress:
-        for kind in (KIND_GENERATED, *EXTRA_KINDS):
-            if kind not in plan.synthetic:
-                continue
-            t = time.time()
-            written = 0
-            acceptance: dict[str, list[int]] = {}
-            for k in range(settings.seeds):
-                written += _write_synthetic(dataset, kind, k, batch_settings, plan.synthetic[kind][k],
-                                            _chunk_maker(kind, k, settings, generator, tiles, index, sampling, device,
-                                                         acceptance),
-                                            settings.sample_batch, progress)
-            if written:
-                state.data["stages"][f"{kind}_s"] = round(time.time() - t, 1)
-                if acceptance:
-                    state.data["stages"]["filter_acceptance"] = {
-                        label: dict(zip(("candidates", "passed", "kept"), counts)) for label, counts in acceptance.items()}
-                state.save()
-                log(f"  {kind}: {written} new cases ({time.time() - t:.0f} s)")
+    for kind in (KIND_GENERATED, *EXTRA_KINDS):
+        if kind not in plan.synthetic:
+            continue
+        t = time.time()
+        written = 0
+        acceptance: dict[str, list[int]] = {}
+        for k in range(settings.seeds):
+            written += _write_synthetic(dataset, kind, k, batch_settings, plan.synthetic[kind][k],
+                                        _chunk_maker(kind, k, settings, generator, tiles, index, sampling, device,
+                                                     acceptance, reporter),
+                                        settings.sample_batch, reporter)
+        if written:
+            state.data["stages"][f"{kind}_s"] = round(time.time() - t, 1)
+            if acceptance:
+                state.data["stages"]["filter_acceptance"] = {
+                    label: dict(zip(("candidates", "passed", "kept"), counts)) for label, counts in acceptance.items()}
+            state.save()
+            log(f"  {kind}: {written} new cases ({time.time() - t:.0f} s)")
     state.data["stages"]["dataset_written"] = True
     state.save()
     return Prepared(settings, out, plan, dataset, patch, split, model_dir, dirs)
 
 
 def _chunk_maker(kind: str, seed: int, settings: BenchmarkSettings, generator: Generator | None, tiles: Tiles,
-                 index: dict, sampling: dict, device: torch.device, acceptance: dict[str, list[int]]):
+                 index: dict, sampling: dict, device: torch.device, acceptance: dict[str, list[int]],
+                 reporter: Reporter):
     """The function making one chunk of synthetic tiles of ``kind`` for ``_write_synthetic``;
     the filtered kind adds its (candidates, passed, kept) per label to ``acceptance``."""
     pool = tiles.pool
@@ -354,7 +327,7 @@ def _chunk_maker(kind: str, seed: int, settings: BenchmarkSettings, generator: G
         from pathar_aug.quality_filter import QualityFilter, filter_complete
 
         if not filter_complete(generator.run_dir):
-            train_filter_stage(generator.run_dir, device)
+            train_filter_stage(generator.run_dir, device, reporter=reporter)
         quality = QualityFilter.load(generator.run_dir, device)
 
         def make(label, li, start, stop):
@@ -406,11 +379,12 @@ def _plans_summary(plans_file: Path) -> dict:
             "normalization": config.get("normalization_schemes")}
 
 
-def preprocess(prepared: Prepared, log: Log = print) -> str:
+def preprocess(prepared: Prepared, log: Log | None = None, reporter: Reporter | None = None) -> str:
     """nnU-Net's fingerprint, planner and preprocessor, once for every case of every group."""
     from nnunet_integration.paths import nnunet_env
     from nnunet_integration.runner import plan_and_preprocess
 
+    log = reporter_for(reporter, log).log
     state = State(prepared.out / "state.json")
     done = state.data["stages"].get("plans_identifier")
     pre = prepared.dirs["preprocessed"] / prepared.dataset.name

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 import sys
 from collections import defaultdict
@@ -13,7 +12,7 @@ import numpy as np
 import torch
 
 from pathar_aug.config import save_json
-from pathar_aug.pipeline import RUN_FILE
+from pathar_aug.pipeline import RunInfo
 from pathar_aug.study.plan import Plan
 from pathar_aug.study.prepare import Prepared, State
 from pathar_aug.study.settings import (
@@ -238,16 +237,15 @@ def write_report(prepared: Prepared, identifier: str, results: dict[str, dict], 
     schedule = settings.nnunet_schedule()
     rows = summarize(settings, plan, results)
     model = str(prepared.model_dir) if prepared.model_dir else "none needed"
-    run_json = prepared.model_dir / RUN_FILE if prepared.model_dir else None
-    run_data = json.loads(run_json.read_text()) if run_json and run_json.exists() else None
+    run = RunInfo.find(prepared.model_dir)
     meta = {
         "patch": prepared.patch_size,
         "schedule_text": f"{settings.schedule}: {schedule.epochs} epochs x {schedule.iterations_per_epoch} iterations",
         "plans_text": (f"{plans.get('plans_identifier')} (patch {plans.get('patch_size')}, batch "
                        f"{plans.get('batch_size')}, features {plans.get('features_per_stage')})"),
-        "generator_text": (f"{model}" + (f" ({run_data['settings']['preset']} preset, trained on "
-                                          f"{run_data['data']['train_images']} pool images, "
-                                          f"{run_data['data']['heldout_images']} held out)" if run_data else "")),
+        "generator_text": (f"{model}" + (f" ({run.settings.preset} preset, trained on "
+                                          f"{run.data['train_images']} pool images, "
+                                          f"{run.data['heldout_images']} held out)" if run else "")),
         "filter_text": "per label, candidates that passed the filter's threshold and passing pairs kept (the "
                        "rest of each row topped up with the best-ranked others): " + ", ".join(
             f"{label} {a['passed']}/{a['candidates']}, {a['kept']} kept"
@@ -290,7 +288,7 @@ def write_report(prepared: Prepared, identifier: str, results: dict[str, dict], 
         "environment": {"python": sys.version.split()[0], "torch": torch.__version__,
                         "nnunetv2": version("nnunetv2"), "pathar_aug": version("pathar-aug"),
                         "cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available()},
-        "generator_run": run_data["settings"] if run_data else None,
+        "generator_run": run.settings.to_json() if run else None,
         "written": utc_now(),
     }
     save_json(payload, paths["json"])

@@ -3,29 +3,28 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
-
 import torch
 
+from pathar_aug.reporter import Log, Reporter, reporter_for
 from pathar_aug.study.evaluate import train_and_evaluate
 from pathar_aug.study.prepare import State, prepare, preprocess
 from pathar_aug.study.report import write_report
 from pathar_aug.study.settings import BenchmarkSettings, utc_now
 
-Log = Callable[[str], None]
 
-
-def run_benchmark(settings: BenchmarkSettings, out: str | Path, device: torch.device, log: Log = print,
-                  show_progress: bool = True, report_dir: Path | None = None, name: str = "dice_scaling"
-                  ) -> dict[str, Path]:
+def run_benchmark(settings: BenchmarkSettings, out: str | Path, device: torch.device, log: Log | None = None,
+                  show_progress: bool = True, report_dir: Path | None = None, name: str = "dice_scaling",
+                  reporter: Reporter | None = None) -> dict[str, Path]:
     """The whole study; returns the report files. A rerun resumes and retrains nothing finished."""
+    reporter = reporter_for(reporter, log, show_progress)
+    log = reporter.log
     t0 = time.time()
     started = utc_now()
-    prepared = prepare(settings, out, device, log=log, show_progress=show_progress)
-    identifier = preprocess(prepared, log=log)
+    prepared = prepare(settings, out, device, reporter=reporter)
+    identifier = preprocess(prepared, reporter=reporter)
     log(f"[benchmark] {len(prepared.plan.folds)} nnU-Net fold(s), one per group"
         + (" and seed" if settings.seeds > 1 else "") + f"; schedule {settings.nnunet_schedule()}")
-    results = train_and_evaluate(prepared, identifier, device, log=log, show_progress=show_progress)
+    results = train_and_evaluate(prepared, identifier, device, reporter=reporter)
     state = State(prepared.out / "state.json")
     stages = state.data["stages"]
     timings = {

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
+from nnunet_integration.names import safe_name
 from pathar_aug.classical_augment import ClassicalAugment
+from pathar_aug.config import SamplingConfig
 
 DEMO_DATA = Path(__file__).resolve().parent.parent / "demo_data"
 DEFAULT_VAL_FRACTION = 0.2
@@ -60,7 +61,8 @@ def full_schedule(epochs: int | None = None, iterations: int | None = None):
 
 
 def case_part(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9-]+", "-", text).strip("-") or "x"
+    """A label or source name as part of a study case name (no '_': it separates a name's parts)."""
+    return safe_name(text, keep="-")
 
 
 def stable_seed(*parts) -> int:
@@ -169,10 +171,10 @@ class BenchmarkSettings:
     bootstrap: int = 2000  # resamples of the paired bootstrap behind each delta's interval
     model: str | None = None
     preset: str = "cpu"  # generator preset when no model is given
-    guidance: float = 1.5
-    temperature: float = 0.85
-    top_k: int = 100
-    top_p: float = 0.92
+    guidance: float = SamplingConfig.guidance
+    temperature: float = SamplingConfig.temperature
+    top_k: int = SamplingConfig.top_k
+    top_p: float = SamplingConfig.top_p
     sample_batch: int = 32
     dataset_id: int = 980
     classical: ClassicalAugment = field(default_factory=ClassicalAugment)

@@ -1,0 +1,153 @@
+"""The generated sets `pathar-aug evaluate` judges, cached on disk: tokenizer reconstructions, pairs
+sampled from the run and the weak baseline."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from nnunet_integration.atomic import atomic_write_bytes
+from nnunet_integration.names import case_part
+
+from ..reporter import Reporter
+from ..sampler import SamplingConfig
+from .images import Pair
+
+RECON = "tokenizer reconstructions"
+MODEL = "model"
+WEAK = "weak: marginal tokens"
+
+# --------------------------------------------------------------------------------- set caching
+def file_id(path: Path) -> list:
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def cached_pairs(cache: Path | None, key_data: dict,
+                  make: Callable[[Path | None], tuple[torch.Tensor, torch.Tensor]]) -> tuple[list[Pair], bool]:
+    """(pairs, from_cache): uint8 B x 3 x P x P images and B x 1 x P x P masks, stored as .npz.
+    ``make`` gets a scratch folder for partial results (removed once the set is stored)."""
+    path = scratch = None
+    if cache is not None:
+        key = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        path = cache / "sets" / f"{case_part(str(key_data.get('set', 'set')))[:40]}-{key}.npz"
+        scratch = path.with_name(path.stem + ".partial")
+        if path.is_file():
+            with np.load(path) as z:
+                return list(zip(z["images"], z["masks"])), True
+    images, masks = make(scratch)
+    imgs = images.permute(0, 2, 3, 1).contiguous().numpy().astype(np.uint8)
+    msks = masks[:, 0].numpy().astype(np.uint8)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, lambda f: np.savez_compressed(f, images=imgs, masks=msks))
+        shutil.rmtree(scratch, ignore_errors=True)
+    return list(zip(imgs, msks)), False
+
+
+def _to_tensors(pairs: Sequence[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.from_numpy(np.stack([p[0] for p in pairs])).permute(0, 3, 1, 2).contiguous()
+    masks = torch.from_numpy(np.stack([(np.asarray(p[1]) > 0).astype(np.uint8) for p in pairs]))[:, None]
+    return images, masks
+
+
+@torch.no_grad()
+def reconstruct(tokenizer, pairs: Sequence[Pair], device: torch.device, batch_size: int = 64
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode and decode real pairs with the run's tokenizer."""
+    images, masks = _to_tensors(pairs)
+    out_i, out_m = [], []
+    for start in range(0, len(images), batch_size):
+        s, a = tokenizer.encode(images[start:start + batch_size].to(device), masks[start:start + batch_size].to(device))
+        img, msk = tokenizer.decode(s, a)
+        out_i.append(img.cpu())
+        out_m.append(msk.cpu())
+    return torch.cat(out_i), torch.cat(out_m)
+
+
+def sample_model(generator, labels: Sequence[int], sampling: SamplingConfig, device: torch.device,
+                 on_chunk: Callable[[int], None] | None = None, chunk_dir: Path | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pair per entry of ``labels`` (label indices), in chunks of sampling.batch_size that may
+    mix labels; chunk c is seeded by (seed, c), so the same settings give the same pairs. With
+    ``chunk_dir`` every finished chunk is kept there, so an interrupted run resumes."""
+    labels = list(labels)
+    images, masks = [], []
+    for c, start in enumerate(range(0, len(labels), sampling.batch_size)):
+        chunk = labels[start:start + sampling.batch_size]
+        path = chunk_dir / f"chunk{c:05d}.pt" if chunk_dir is not None else None
+        if path is not None and path.is_file():
+            img, msk = torch.load(path, weights_only=True)
+        else:
+            cfg = dataclasses.replace(sampling, seed=sampling.seed * 1_000_003 + c)
+            img, msk = generator.generate(chunk, cfg, device)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(path, lambda f: torch.save((img, msk), f))
+        images.append(img)
+        masks.append(msk)
+        if on_chunk is not None:
+            on_chunk(len(chunk))
+    return torch.cat(images), torch.cat(masks)
+
+
+def generated_sets(generator, model: Path, floor: dict[str, list[Pair]], labels: Sequence[str], n: int,
+                   sampling: SamplingConfig, device: torch.device, cache: Path | None, *, recon: bool, sample: bool,
+                   weak_baseline: bool, reporter: Reporter) -> dict[str, dict[str, list[Pair]]]:
+    """Label -> pairs of each generated set, from the cache when made before: the tokenizer's
+    reconstructions of the ``floor`` pairs (``recon``), ``n`` pairs per label sampled from the run
+    (``sample``) and the weak baseline of marginal tokens (``weak_baseline``)."""
+    ckpt_id = [file_id(Path(model) / "tokenizer" / "tokenizer.pt"), file_id(Path(model) / "prior" / "prior.pt")]
+    weak = None
+    if weak_baseline:
+        try:
+            from .weak_generator import MarginalTokenGenerator
+
+            weak = MarginalTokenGenerator.from_run(model, generator.label_names)
+        except FileNotFoundError as exc:
+            reporter.log(f"no weak baseline: {exc}")
+    jobs = [job for job, wanted in ((RECON, recon), (MODEL, sample), (WEAK, weak is not None)) if wanted]
+    labels = sorted(labels)
+    total = sum(len(floor.get(lb, [])) if j == RECON else n for j in jobs for lb in labels)
+    sets: dict[str, dict[str, list[Pair]]] = {}
+    cached = []
+    reporter.log(f"generating {', '.join(jobs)}: {total} pairs (cached sets are reused)")
+    with reporter.task("generate", total=total) as task:
+        for job in jobs:
+            task.update(info=job)
+            key = {"set": job, "labels": labels, "ckpt": ckpt_id, "patch": generator.patch_size}
+            if job == RECON:
+                present = [lb for lb in labels if lb in floor]
+                owners = [lb for lb in present for _ in floor[lb]]
+                inputs = [p for lb in present for p in floor[lb]]
+                key["inputs"] = hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes()
+                                                        for p in inputs for a in p)).hexdigest()
+                make = lambda _, inputs=inputs: reconstruct(generator.tokenizer, inputs, device)  # noqa: E731
+            elif job == MODEL:
+                owners = [lb for lb in labels for _ in range(n)]
+                key.update(n=n, sampling=dataclasses.asdict(sampling))
+                make = lambda scratch, owners=owners: sample_model(  # noqa: E731
+                    generator, [generator.label_index(lb) for lb in owners], sampling, device,
+                    on_chunk=task.advance, chunk_dir=scratch)
+            else:
+                owners = [lb for lb in labels if weak.has_label(generator.label_index(lb)) for _ in range(n)]
+                key.update(n=n, seed=sampling.seed, tokens=file_id(Path(model) / "tokens" / "train_tokens.pt"))
+                make = lambda _, owners=owners: weak.generate(  # noqa: E731
+                    generator.tokenizer, [generator.label_index(lb) for lb in owners], device, seed=sampling.seed)
+            pairs, hit = cached_pairs(cache, key, make)
+            if hit:
+                cached.append(job)
+            if hit or job != MODEL:
+                task.advance(len(pairs))
+            sets[job] = {}
+            for lb, pair in zip(owners, pairs):
+                sets[job].setdefault(lb, []).append(pair)
+    if cached:
+        reporter.log(f"from cache: generated sets {', '.join(cached)}")
+    return sets
