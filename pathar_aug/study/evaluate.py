@@ -70,20 +70,19 @@ def train_and_evaluate(prepared: Prepared, identifier: str, device: torch.device
         # beside the worker, epochs on 2 cores took 2-4x longer
         torch.set_num_threads(1)
     try:
-        return _train_and_evaluate(prepared, identifier, device, nn_device, log, show_progress)
+        return _train_and_evaluate(prepared, identifier, device, nn_device, reporter_for(reporter, log, show_progress))
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_and_evaluate(prepared: Prepared, identifier: str, device: torch.device, nn_device: str, log: Log,
-                        show_progress: bool) -> dict[str, dict]:
+def _train_and_evaluate(prepared: Prepared, identifier: str, device: torch.device, nn_device: str,
+                        reporter: Reporter) -> dict[str, dict]:
     from nnunet_integration.dataset import list_cases
     from nnunet_integration.paths import nnunet_env
     from nnunet_integration.runner import model_folder, predict, train_fold
     from nnunet_integration.splits import custom_folds
     from nnunet_integration.trainer import snapshot_path
 
-    reporter = reporter_for(reporter, log, show_progress)
     log = reporter.log
     settings, plan, out = prepared.settings, prepared.plan, prepared.out
     base_schedule = settings.nnunet_schedule()
