@@ -44,7 +44,7 @@ def settings_for(args, **overrides):
                   seeds=args.seeds, schedule="cpu", epochs=args.epochs, iterations=args.iterations,
                   batch_size=args.batch_size, unet_features=args.unet_features,
                   unet_max_features=args.unet_max_features, model=str(args.model) if args.model else None,
-                  sample_batch=args.sample_batch, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+                  sample_batch=args.sample_batch, guidance=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     kwargs.update(overrides)
     return BenchmarkSettings(**kwargs)
 
@@ -70,11 +70,11 @@ def main() -> None:
     parser.add_argument("--extra-kinds", default="classical,filtered",
                         help="rows beside real + synthetic: rendered, classical, filtered")
     parser.add_argument("--sample-batch", type=int, default=64, help="images sampled together by the generator")
-    # Plain ancestral sampling (with guidance 1.5): at the paper's truncation (temperature 0.85,
-    # top-k 100, top-p 0.92) the short-trained CPU prior collapses to empty masks (see README).
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
+    # default (None): the generator run's own sampling defaults, chosen at the end of its training
+    parser.add_argument("--cfg", type=float, default=None)
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true")

@@ -96,20 +96,30 @@ def _reporter(quiet: bool = False):
     return RichReporter(console, progress=not quiet)
 
 
-# The sampling options, shared by every command that samples; their defaults are SamplingConfig's.
+# The sampling options, shared by every command that samples. Left out, each comes from the run's
+# own defaults (chosen at the end of training, RUN/sampling.json), else the paper's (SamplingConfig).
 _DEFAULT_SAMPLING = SamplingConfig()
-CFG_OPTION = typer.Option(_DEFAULT_SAMPLING.guidance, "--cfg", help="Classifier-free guidance scale (1 = none).")
-TEMPERATURE_OPTION = typer.Option(_DEFAULT_SAMPLING.temperature, help="Sampling temperature.")
-TOP_K_OPTION = typer.Option(_DEFAULT_SAMPLING.top_k, help="Keep the k most likely tokens (0 = off).")
-TOP_P_OPTION = typer.Option(_DEFAULT_SAMPLING.top_p, help="Nucleus sampling mass (1 = off).")
+_RUN_DEFAULT = "default: the run's own, chosen at the end of training (RUN/sampling.json), else"
+CFG_OPTION = typer.Option(None, "--cfg", help=f"Classifier-free guidance scale (1 = none; {_RUN_DEFAULT} "
+                                               f"{_DEFAULT_SAMPLING.guidance}).", show_default=False)
+TEMPERATURE_OPTION = typer.Option(None, help=f"Sampling temperature ({_RUN_DEFAULT} {_DEFAULT_SAMPLING.temperature}).",
+                                  show_default=False)
+TOP_K_OPTION = typer.Option(None, help=f"Keep the k most likely tokens (0 = off; {_RUN_DEFAULT} "
+                                       f"{_DEFAULT_SAMPLING.top_k}).", show_default=False)
+TOP_P_OPTION = typer.Option(None, help=f"Nucleus sampling mass (1 = off; {_RUN_DEFAULT} {_DEFAULT_SAMPLING.top_p}).",
+                            show_default=False)
 BATCH_SIZE_OPTION = typer.Option(_DEFAULT_SAMPLING.batch_size, help="Images sampled together (memory grows with it).")
 
 
-def sampling_config(cfg: float, temperature: float, top_k: int, top_p: float, seed: int,
-                    batch_size: int) -> SamplingConfig:
-    """The SamplingConfig of the shared sampling options."""
-    return SamplingConfig(guidance=cfg, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                          batch_size=batch_size)
+def sampling_config(cfg: float | None, temperature: float | None, top_k: int | None, top_p: float | None,
+                    seed: int, batch_size: int, run: Path | None = None) -> SamplingConfig:
+    """The SamplingConfig of the shared sampling options; options left out come from the run."""
+    from pathar_aug.sampling_defaults import resolve_sampling
+
+    given = {"guidance": cfg, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    values = resolve_sampling(run, **given) if run is not None else \
+        {k: getattr(_DEFAULT_SAMPLING, k) if v is None else v for k, v in given.items()}
+    return SamplingConfig(**values, seed=seed, batch_size=batch_size)
 
 
 def _typed_options(ctx: typer.Context, names: tuple[str, ...]) -> dict:
@@ -170,10 +180,10 @@ def synthesize(
     label: Optional[str] = typer.Option(None, help="Condition label for every pair (default: spread over all labels)."),
     per_label: bool = typer.Option(False, "--per-label", help="Make --n pairs for each label."),
     masks_from: Optional[Path] = typer.Option(None, help="Render images for these masks (mask-conditioned) instead of sampling masks."),
-    cfg: float = CFG_OPTION,
-    temperature: float = TEMPERATURE_OPTION,
-    top_k: int = TOP_K_OPTION,
-    top_p: float = TOP_P_OPTION,
+    cfg: Optional[float] = CFG_OPTION,
+    temperature: Optional[float] = TEMPERATURE_OPTION,
+    top_k: Optional[int] = TOP_K_OPTION,
+    top_p: Optional[float] = TOP_P_OPTION,
     seed: int = typer.Option(0, help="Seed: the same settings, device and number of CPU threads give the same pairs "
                                      "(another thread count can change a few)."),
     batch_size: int = BATCH_SIZE_OPTION,
@@ -212,7 +222,7 @@ def synthesize(
 
     reporter = _reporter()
     result = synthesize_into(model=model, into=into, n=n, label=label, per_label=per_label, masks_from=masks_from,
-                             sampling=sampling_config(cfg, temperature, top_k, top_p, seed, batch_size),
+                             sampling=sampling_config(cfg, temperature, top_k, top_p, seed, batch_size, model),
                              device=_device(device), nnunet_raw=nnunet_raw, nnunet_preprocessed=nnunet_preprocessed,
                              quality_filter=quality_filter, oversample=oversample, min_agreement=min_agreement,
                              reporter=reporter)
@@ -360,14 +370,15 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, help="Output folder (default: MODEL/evaluation): metrics.csv, metrics.md, scale_check.csv, grid_<label>.png."),
     cache: Optional[Path] = typer.Option(None, help="Cache folder for generated sets, features, classifier, segmenter (default: OUT/cache)."),
     references: bool = typer.Option(True, "--references/--no-references", help="Add the floor, tokenizer-reconstruction and weak-baseline rows."),
-    cfg: float = CFG_OPTION,
-    temperature: float = TEMPERATURE_OPTION,
-    top_k: int = TOP_K_OPTION,
-    top_p: float = TOP_P_OPTION,
+    cfg: Optional[float] = CFG_OPTION,
+    temperature: Optional[float] = TEMPERATURE_OPTION,
+    top_k: Optional[int] = TOP_K_OPTION,
+    top_p: Optional[float] = TOP_P_OPTION,
     seed: int = typer.Option(0, help="Seed for sampling and subsets: the same settings give the same numbers."),
     batch_size: int = BATCH_SIZE_OPTION,
     classifier_steps: Optional[int] = typer.Option(None, help="Style-classifier training steps (default 200)."),
     segmenter_steps: Optional[int] = typer.Option(None, help="Agreement-segmenter training steps (default 300)."),
+    min_agreement: Optional[float] = typer.Option(None, help="The 'model, filtered' set keeps sampled pairs whose agreement with the run's quality filter reaches this Dice (default: the filter's own per-label threshold)."),
     kid_subsets: int = typer.Option(100, help="KID: number of random subsets."),
     lpips_weights: Optional[Path] = typer.Option(None, help="Local torchvision AlexNet weights for LPIPS (default: the torch hub cache, if there)."),
     lpips_linear: Optional[Path] = typer.Option(None, help="Local LPIPS v0.1 linear weights (alex.pth); without them LPIPS is the unweighted variant, named so."),
@@ -399,11 +410,11 @@ def evaluate(
     from pathar_aug.evaluation.style_classifier import StyleClassifierConfig
 
     eval_cfg = EvalConfig(
-        kid_subsets=kid_subsets, progress=not quiet, seed=seed,
+        kid_subsets=kid_subsets, progress=not quiet, seed=seed, filter_min_agreement=min_agreement,
         style=StyleClassifierConfig(**({"steps": classifier_steps} if classifier_steps is not None else {})),
         segmenter=SegmenterConfig(**({"steps": segmenter_steps} if segmenter_steps is not None else {})),
     )
-    sampling = sampling_config(cfg, temperature, top_k, top_p, seed, batch_size)
+    sampling = sampling_config(cfg, temperature, top_k, top_p, seed, batch_size, model)
     reporter = _reporter(quiet)
     result = evaluate_run(model=model, images=images, masks=masks, labels_csv=labels, out=out, n=n,
                           features=features or (), synthetic=synthetic, sampling=sampling, n_real=n_real or None,

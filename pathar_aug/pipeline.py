@@ -264,9 +264,39 @@ def train_run(run_dir: str | Path, settings: RunSettings | None, device: torch.d
     generator = load_generator(run_dir, device)
     save_sample_preview(generator, run_dir / "samples_preview.png", device)
 
-    log("quality filter (last stage): a segmenter trained on the real training patches, for synthesize")
+    log("quality filter: a segmenter trained on the real training patches, for synthesize")
     train_filter_stage(run_dir, device, settings=settings, patches=(train_patches, heldout), reporter=reporter)
+    log("sampling defaults (last stage): the setting whose empty-mask share per label is closest to the real one")
+    train_sampling_stage(run_dir, device, settings=settings, reporter=reporter)
     return run_dir
+
+
+def train_sampling_stage(run_dir: str | Path, device: torch.device, settings: RunSettings | None = None,
+                         reporter: Reporter | None = None) -> Path:
+    """The run's own sampling defaults (``sampling_defaults``), skipped when chosen already; needs
+    the prior and the filter's real statistics."""
+    from pathar_aug.quality_filter import QualityFilter
+    from pathar_aug.sampling_defaults import SAMPLES_PER_LABEL, SAMPLING_FILE, choose_sampling
+
+    run_dir = Path(run_dir)
+    path = run_dir / SAMPLING_FILE
+    if path.is_file():
+        return path
+    settings = settings or RunInfo.load(run_dir).settings
+    generator = load_generator(run_dir, device)
+    real = {label: stats.empty_share for label, stats in QualityFilter.load(run_dir, device).stats.items()}
+
+    def masks(label_index: int, n: int, config: SamplingConfig) -> torch.Tensor:
+        return generator.generate([label_index] * n, config, device)[1]
+
+    choice = choose_sampling(masks, generator.label_names, real, SAMPLES_PER_LABEL.get(settings.preset, 32),
+                             seed=settings.seed)
+    save_json(choice.to_json(), path)
+    reporter_for(reporter).log(
+        "  chosen: " + ", ".join(f"{k} {v}" for k, v in choice.chosen.items()) + "; empty masks "
+        + ", ".join(f"{label} {share:.0%} (real {real[label]:.0%})"
+                    for label, share in next(m for m in choice.measured if m["setting"] == choice.chosen)["empty_share"].items()))
+    return path
 
 
 def train_filter_stage(run_dir: str | Path, device: torch.device, settings: RunSettings | None = None,

@@ -12,7 +12,9 @@ otherwise.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -20,6 +22,10 @@ import torch
 
 from pathar_aug.quality_filter import foreground_share, is_empty
 from pathar_aug.sampler import SamplingConfig
+
+SAMPLING_FILE = "sampling.json"  # in the run folder
+SAMPLING_FIELDS = ("guidance", "temperature", "top_k", "top_p")
+SAMPLES_PER_LABEL = {"tiny": 4, "cpu": 48, "paper": 64}  # per candidate: a 10-point gap is then visible
 
 # the paper's setting first: it wins ties
 CANDIDATES: tuple[dict, ...] = (
@@ -65,3 +71,18 @@ def choose_sampling(generate: Callable[[int, int, SamplingConfig], torch.Tensor]
         measured.append({"setting": dict(setting), "empty_share": shares, "max_gap": gap})
     best = min(range(len(measured)), key=lambda i: (round(measured[i]["max_gap"], 6), i))
     return SamplingChoice(dict(candidates[best]), dict(real_empty_share), measured, samples_per_label)
+
+
+def run_defaults(run_dir: str | Path) -> dict:
+    """The run's chosen sampling setting (its sampling.json), else the paper's."""
+    path = Path(run_dir) / SAMPLING_FILE
+    if path.is_file():
+        return dict(json.loads(path.read_text())["chosen"])
+    return dict(CANDIDATES[0])
+
+
+def resolve_sampling(run_dir: str | Path, **given: float | int | None) -> dict:
+    """guidance / temperature / top_k / top_p: each one given (not None) wins, the rest come from
+    the run's defaults."""
+    defaults = run_defaults(run_dir)
+    return {name: defaults[name] if given.get(name) is None else given[name] for name in SAMPLING_FIELDS}

@@ -130,7 +130,10 @@ def synthesize_into(
     from pathar_aug.quality_filter import DEFAULT_OVERSAMPLE, MAX_OVERSAMPLE, QualityFilter, filter_complete, quota
 
     reporter = reporter_for(reporter, log)
-    sampling = sampling or SamplingConfig()
+    if sampling is None:  # the run's own defaults (chosen at the end of training), else the paper's
+        from pathar_aug.sampling_defaults import resolve_sampling
+
+        sampling = SamplingConfig(**resolve_sampling(model))
     guidance, temperature, top_k, top_p = sampling.guidance, sampling.temperature, sampling.top_k, sampling.top_p
     seed, batch_size = sampling.seed, sampling.batch_size
     # every option is checked before anything is written (--n by plan_labels, below)

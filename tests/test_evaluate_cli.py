@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from pathar_aug.cli import app
 from pathar_aug.evaluation.run import FLOOR, FLOOR_SPLIT, MODEL, RECON, WEAK, parse_feature_spec, scale_check
+from pathar_aug.evaluation.sets import MODEL_FILTERED, SWAP
 from pathar_aug.evaluation.inputs import dinov2_arch as _dinov2_arch
 from pathar_aug.evaluation.weak_generator import MarginalTokenGenerator
 from tests.conftest import block_network, write_pair_folders
@@ -65,14 +66,23 @@ def evaluate(trained, *args: str):
 def test_evaluate_writes_tables_grids_and_rerun_uses_caches(trained, timm_weights, tmp_path, monkeypatch):
     out = tmp_path / "eval"
     spec = f"timm:test_resnet={timm_weights},name=my-resnet,image_size=64"
-    args = ["--n", "8", "--out", str(out), "--features", "style", "--features", "colour-texture", "--features", spec]
+    # every candidate passes at agreement 0: the filtered set then holds the 8 best of 16 draws
+    args = ["--n", "8", "--out", str(out), "--features", "style", "--features", "colour-texture", "--features", spec,
+            "--min-agreement", "0"]
     res = evaluate(trained, *args)
     assert res.exit_code == 0, res.output
     for name in ("metrics.csv", "metrics.md", "metadata.json", "scale_check.csv", "grid_bright.png", "grid_dark.png"):
         assert (out / name).is_file(), name
 
     df = pd.read_csv(out / "metrics.csv")
-    assert set(df["set"]) == {"real", FLOOR, RECON, MODEL, WEAK}
+    assert set(df["set"]) == {"real", FLOOR, RECON, SWAP, MODEL, MODEL_FILTERED, WEAK}
+    # the run's quality filter picks the filtered set from 2 n draws; the first n are the model's set
+    filtered = df[(df["set"] == MODEL_FILTERED) & (df["label"] == "bright")]
+    assert (filtered["n_gen"] == 8).all() and "image_mask_dice" in set(filtered["metric"])
+    swap = df[(df["set"] == SWAP) & (df["metric"] == "swap_consistency") & (df["label"] != "(mean)")]
+    assert len(swap) == 2 and swap["value"].between(0, 1).all()
+    assert (swap["value"].values == df[(df["set"] == SWAP) & (df["metric"] == "image_mask_dice")
+                                       & (df["label"] != "(mean)")]["value"].values).all()
     assert {"style-classifier", "colour-texture-histograms", "my-resnet", "masks", "segmenter"} <= set(df["feature_space"])
     assert set(df["label"]) == {"bright", "dark", "(mean)"}
     model = df[(df["set"] == MODEL) & (df["label"] == "bright")]
@@ -92,7 +102,7 @@ def test_evaluate_writes_tables_grids_and_rerun_uses_caches(trained, timm_weight
     assert {"floor", "model", "weak", "verdict"} <= set(check.columns)
     assert set(check["label"]) >= {"bright", "dark"} and set(check["metric"]) >= {"kid", "fid", "style_score"}
     grid = Image.open(out / "grid_bright.png")
-    assert grid.size[1] == 5 * (96 + 2)  # real, floor, reconstructions, model, weak
+    assert grid.size[1] == 7 * (96 + 2)  # real, floor, reconstructions, swaps, model, filtered, weak
 
     # a re-run with the same settings touches no model: sets, features, classifier, segmenter cached
     from pathar_aug.evaluation import features, segmenter, style_classifier, weak_generator

@@ -30,6 +30,7 @@ from .diversity import LPIPS, mean_pairwise_distance
 from .features import ColourTextureFeatures, FeatureExtractor, StyleClassifierFeatures, extract_cached
 from .images import Pair, as_mask, as_uint8_rgb, hash_arrays
 from .segmenter import Segmenter, SegmenterConfig
+from .sets import SWAP
 from .structure_stats import compare_mask_stats, mask_stats
 from .style_classifier import StyleClassifier, StyleClassifierConfig
 
@@ -49,6 +50,7 @@ IDEAL = {
     "nuclei_per_patch_mean": "≈ real", "area_mean_px": "≈ real", "eccentricity_mean": "≈ real",
     "foreground_fraction_mean": "≈ real", "empty_share": "≈ real", "full_share": "≈ real",
     "image_mask_dice": "1 (ceiling: real held-out)",
+    "swap_consistency": "≈ the real tiles' image_mask_dice",
 }
 
 
@@ -71,6 +73,8 @@ class EvalConfig:
     device: str = "auto"
     progress: bool = True
     seed: int = 0
+    # the filtered model set keeps pairs reaching this agreement (None: the run filter's own threshold)
+    filter_min_agreement: float | None = None
 
 
 def default_extractors(style_classifier: StyleClassifier | None) -> list[FeatureExtractor]:
@@ -231,8 +235,10 @@ def evaluate_sets(
                 for metric, value in {**compare_mask_stats(r_stats, g_stats), **g_stats.summary()}.items():
                     add(label, set_name, "masks", metric, value, nr, ng)
                 if segmenter is not None:
-                    add(label, set_name, "segmenter", "image_mask_dice",
-                        float(np.mean(segmenter.dice_against(g_pairs))), nr, ng)
+                    dice = float(np.mean(segmenter.dice_against(g_pairs)))
+                    add(label, set_name, "segmenter", "image_mask_dice", dice, nr, ng)
+                    if set_name == SWAP:  # on swapped tokens: do the images follow their structure?
+                        add(label, set_name, "segmenter", "swap_consistency", dice, nr, ng)
                 task.advance(1)
 
     df = pd.DataFrame(rows, columns=COLUMNS)

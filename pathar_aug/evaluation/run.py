@@ -48,7 +48,7 @@ from .inputs import (  # noqa: F401 - FEATURE_HELP, dinov2_arch: part of this co
     tile_pairs,
 )
 from .report import REAL, EvalConfig, cached_style_classifier, evaluate_sets, md_table, normalise, to_markdown
-from .sets import MODEL, RECON, WEAK, generated_sets, sample_model  # noqa: F401 - sample_model: for callers
+from .sets import MODEL, MODEL_FILTERED, RECON, SWAP, WEAK, generated_sets, sample_model  # noqa: F401 - sample_model: for callers
 
 OFFLINE_NOTE = ("No pretrained feature backbone (Inception, DINOv2, UNI ...) is installable here with its "
                 "weights inside the package, and nothing is downloaded: deep feature spaces come only from "
@@ -212,7 +212,8 @@ def _build_sets(inputs: _Inputs, model: Path | None, synthetic: Path | None, n: 
         sets.update(generated_sets(
             generator, model, real.floor, list(real.reference), n, sampling, device, inputs.cache,
             recon=references and bool(real.floor), sample=inputs.synthetic is None, weak_baseline=references,
-            reporter=reporter_for(reporter, progress=cfg.progress)))
+            reporter=reporter_for(reporter, progress=cfg.progress), reference=real.reference,
+            min_agreement=cfg.filter_min_agreement))
     if inputs.synthetic is not None:
         model_set = f"synthetic: {Path(synthetic).name}"
         syn = tile_pairs(inputs.synthetic, patch)
@@ -223,7 +224,7 @@ def _build_sets(inputs: _Inputs, model: Path | None, synthetic: Path | None, n: 
         reporter.log(f"judging {inputs.synthetic_what}, tiled to {patch} px "
                      f"({', '.join(f'{lb}: {len(p)}' for lb, p in sorted(syn.items()))})")
     # model rows next to their references in the tables: floor, recon, model, weak
-    order = [real.floor_name, RECON, model_set, WEAK]
+    order = [real.floor_name, RECON, SWAP, model_set, MODEL_FILTERED, WEAK]
     sets = {k: sets[k] for k in sorted(sets, key=lambda k: order.index(k) if k in order else len(order))}
     return real, sets, model_set
 

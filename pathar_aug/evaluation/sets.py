@@ -20,8 +20,11 @@ from ..sampler import SamplingConfig
 from .images import Pair
 
 RECON = "tokenizer reconstructions"
+SWAP = "tokenizer swap"  # (S_p, A_q) of two real tiles, q of any label: does the image follow S?
 MODEL = "model"
+MODEL_FILTERED = "model, filtered"  # the run's quality filter keeps the best half of 2 x n draws
 WEAK = "weak: marginal tokens"
+FILTER_OVERSAMPLE = 2
 
 # --------------------------------------------------------------------------------- set caching
 def file_id(path: Path) -> list:
@@ -71,6 +74,44 @@ def reconstruct(tokenizer, pairs: Sequence[Pair], device: torch.device, batch_si
     return torch.cat(out_i), torch.cat(out_m)
 
 
+@torch.no_grad()
+def swap_pairs(tokenizer, structure: Sequence[Pair], appearance: Sequence[Pair], device: torch.device,
+               batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paper Fig. 6: the image decoded from the structure tokens of ``structure[i]`` and the
+    appearance tokens of ``appearance[i]``, with the mask decoded from that structure alone."""
+    s_images, s_masks = _to_tensors(structure)
+    a_images, a_masks = _to_tensors(appearance)
+    out_i, out_m = [], []
+    for start in range(0, len(s_images), batch_size):
+        sl = slice(start, start + batch_size)
+        s = tokenizer.encode_structure(s_masks[sl].to(device))
+        a = tokenizer.encode_appearance(a_images[sl].to(device))
+        img, msk = tokenizer.decode(s, a)
+        out_i.append(img.cpu())
+        out_m.append(msk.cpu())
+    return torch.cat(out_i), torch.cat(out_m)
+
+
+def swap_partners(reference: dict[str, list[Pair]], n: int, seed: int) -> dict[str, list[tuple[Pair, Pair]]]:
+    """Per label, up to n (structure, appearance) pairs: structure from that label's tiles, appearance
+    from a tile of any label (so most swaps cross modalities), never the same tile."""
+    rng = np.random.default_rng(seed)
+    pool = [(lb, i) for lb in sorted(reference) for i in range(len(reference[lb]))]
+    out = {}
+    for label in sorted(reference):
+        tiles = reference[label]
+        picks = rng.permutation(len(tiles))[:n]
+        partners = []
+        for i in picks:
+            j = int(rng.integers(len(pool)))
+            if pool[j] == (label, int(i)):
+                j = (j + 1) % len(pool)
+            other = pool[j]
+            partners.append((tiles[int(i)], reference[other[0]][other[1]]))
+        out[label] = partners
+    return out
+
+
 def sample_model(generator, labels: Sequence[int], sampling: SamplingConfig, device: torch.device,
                  on_chunk: Callable[[int], None] | None = None, chunk_dir: Path | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,10 +140,14 @@ def sample_model(generator, labels: Sequence[int], sampling: SamplingConfig, dev
 
 def generated_sets(generator, model: Path, floor: dict[str, list[Pair]], labels: Sequence[str], n: int,
                    sampling: SamplingConfig, device: torch.device, cache: Path | None, *, recon: bool, sample: bool,
-                   weak_baseline: bool, reporter: Reporter) -> dict[str, dict[str, list[Pair]]]:
+                   weak_baseline: bool, reporter: Reporter, reference: dict[str, list[Pair]] | None = None,
+                   min_agreement: float | None = None) -> dict[str, dict[str, list[Pair]]]:
     """Label -> pairs of each generated set, from the cache when made before: the tokenizer's
-    reconstructions of the ``floor`` pairs (``recon``), ``n`` pairs per label sampled from the run
-    (``sample``) and the weak baseline of marginal tokens (``weak_baseline``)."""
+    reconstructions of the ``floor`` pairs (``recon``) and its swaps of ``reference`` pairs (with
+    ``recon`` and a reference), ``n`` pairs per label sampled from the run (``sample``; with the
+    run's quality filter, 2 n are drawn: the first n are the model's set, the n the filter ranks
+    best of all 2 n, among those reaching its threshold or ``min_agreement``, the filtered set) and
+    the weak baseline of marginal tokens (``weak_baseline``)."""
     ckpt_id = [file_id(Path(model) / "tokenizer" / "tokenizer.pt"), file_id(Path(model) / "prior" / "prior.pt")]
     weak = None
     if weak_baseline:
@@ -112,9 +157,18 @@ def generated_sets(generator, model: Path, floor: dict[str, list[Pair]], labels:
             weak = MarginalTokenGenerator.from_run(model, generator.label_names)
         except FileNotFoundError as exc:
             reporter.log(f"no weak baseline: {exc}")
-    jobs = [job for job, wanted in ((RECON, recon), (MODEL, sample), (WEAK, weak is not None)) if wanted]
+    quality = None
+    if sample:
+        from ..quality_filter import QualityFilter, filter_complete
+
+        quality = QualityFilter.load(model, device) if filter_complete(model) else None
+    swaps = swap_partners(reference, n, seed=sampling.seed) if recon and reference else {}
+    jobs = [job for job, wanted in ((RECON, recon), (SWAP, bool(swaps)), (MODEL, sample), (WEAK, weak is not None))
+            if wanted]
     labels = sorted(labels)
-    total = sum(len(floor.get(lb, [])) if j == RECON else n for j in jobs for lb in labels)
+    draws = n * (FILTER_OVERSAMPLE if quality is not None else 1)
+    total = sum({RECON: len(floor.get(lb, [])), SWAP: len(swaps.get(lb, [])), MODEL: draws}.get(j, n)
+                for j in jobs for lb in labels)
     sets: dict[str, dict[str, list[Pair]]] = {}
     cached = []
     reporter.log(f"generating {', '.join(jobs)}: {total} pairs (cached sets are reused)")
@@ -129,9 +183,16 @@ def generated_sets(generator, model: Path, floor: dict[str, list[Pair]], labels:
                 key["inputs"] = hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes()
                                                         for p in inputs for a in p)).hexdigest()
                 make = lambda _, inputs=inputs: reconstruct(generator.tokenizer, inputs, device)  # noqa: E731
+            elif job == SWAP:
+                owners = [lb for lb in labels for _ in swaps.get(lb, [])]
+                both = [pair for lb in labels for pair in swaps.get(lb, [])]
+                key["inputs"] = hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes()
+                                                        for two in both for p in two for a in p)).hexdigest()
+                make = lambda _, both=both: swap_pairs(  # noqa: E731
+                    generator.tokenizer, [b[0] for b in both], [b[1] for b in both], device)
             elif job == MODEL:
-                owners = [lb for lb in labels for _ in range(n)]
-                key.update(n=n, sampling=dataclasses.asdict(sampling))
+                owners = [lb for lb in labels for _ in range(draws)]
+                key.update(n=draws, sampling=dataclasses.asdict(sampling))
                 make = lambda scratch, owners=owners: sample_model(  # noqa: E731
                     generator, [generator.label_index(lb) for lb in owners], sampling, device,
                     on_chunk=task.advance, chunk_dir=scratch)
@@ -148,6 +209,14 @@ def generated_sets(generator, model: Path, floor: dict[str, list[Pair]], labels:
             sets[job] = {}
             for lb, pair in zip(owners, pairs):
                 sets[job].setdefault(lb, []).append(pair)
+            if job == MODEL and quality is not None:
+                drawn = sets[MODEL]
+                sets[MODEL] = {lb: pairs[:n] for lb, pairs in drawn.items()}
+                sets[MODEL_FILTERED] = {}
+                for lb, pairs in drawn.items():
+                    kept = quality.select([p[0] for p in pairs], [p[1] for p in pairs], lb, keep=n,
+                                          min_agreement=min_agreement).kept
+                    sets[MODEL_FILTERED][lb] = [pairs[i] for i in kept]
     if cached:
         reporter.log(f"from cache: generated sets {', '.join(cached)}")
     return sets

@@ -281,8 +281,12 @@ def prepare(settings: BenchmarkSettings, out: str | Path, device: torch.device, 
     state.data["stages"]["real_cases_s"] = round(time.time() - t, 1)
     state.save()
 
-    sampling = dict(guidance=settings.guidance, temperature=settings.temperature, top_k=settings.top_k,
-                    top_p=settings.top_p)
+    from pathar_aug.sampling_defaults import CANDIDATES, resolve_sampling
+
+    given = dict(guidance=settings.guidance, temperature=settings.temperature, top_k=settings.top_k,
+                 top_p=settings.top_p)
+    sampling = resolve_sampling(model_dir, **given) if model_dir else {k: v or CANDIDATES[0][k] for k, v in given.items()}
+    state.data["stages"]["sampling"] = sampling
     batch_settings = {"model": str(model_dir) if model_dir else None, **sampling, "patch": patch}
     for kind in (KIND_GENERATED, *EXTRA_KINDS):
         if kind not in plan.synthetic:

@@ -137,9 +137,7 @@ def markdown_table(settings: BenchmarkSettings, plan: Plan, rows: list[dict], me
                  f"the instance masks ({meta['instances_text']}); a tile with no nucleus in either scores 1.")
     kinds = {g.kind for g in groups}
     if KIND_GENERATED in kinds:
-        lines.append(f"Synthetic: pairs sampled by the PathAR generator (label-conditioned; guidance "
-                     f"{settings.guidance}, temperature {settings.temperature}, top-k {settings.top_k}, "
-                     f"top-p {settings.top_p}).")
+        lines.append(f"Synthetic: pairs sampled by the PathAR generator (label-conditioned; {meta['sampling_text']}).")
     if KIND_RENDERED in kinds:
         lines.append("Mask-conditioned: masks of the real training pool (not only the real tiles of the group) "
                      "re-rendered by the generator (structure tokens from the mask, appearance sampled).")
@@ -246,6 +244,9 @@ def write_report(prepared: Prepared, identifier: str, results: dict[str, dict], 
         "generator_text": (f"{model}" + (f" ({run.settings.preset} preset, trained on "
                                           f"{run.data['train_images']} pool images, "
                                           f"{run.data['heldout_images']} held out)" if run else "")),
+        "sampling_text": ", ".join(f"{k.replace('_', '-')} {v}" for k, v in state.data["stages"].get("sampling", {}).items())
+                         + ("; the generator run's own defaults" if all(
+                             getattr(settings, k) is None for k in ("guidance", "temperature", "top_k", "top_p")) else ""),
         "filter_text": "per label, candidates that passed the filter's threshold and passing pairs kept (the "
                        "rest of each row topped up with the best-ranked others): " + ", ".join(
             f"{label} {a['passed']}/{a['candidates']}, {a['kept']} kept"

@@ -10,7 +10,6 @@ from typing import Sequence
 
 from nnunet_integration.names import safe_name
 from pathar_aug.classical_augment import ClassicalAugment
-from pathar_aug.config import SamplingConfig
 
 DEMO_DATA = Path(__file__).resolve().parent.parent / "demo_data"
 DEFAULT_VAL_FRACTION = 0.2
@@ -171,10 +170,11 @@ class BenchmarkSettings:
     bootstrap: int = 2000  # resamples of the paired bootstrap behind each delta's interval
     model: str | None = None
     preset: str = "cpu"  # generator preset when no model is given
-    guidance: float = SamplingConfig.guidance
-    temperature: float = SamplingConfig.temperature
-    top_k: int = SamplingConfig.top_k
-    top_p: float = SamplingConfig.top_p
+    # sampling; None: the generator run's own defaults (RUN/sampling.json), else the paper's
+    guidance: float | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
     sample_batch: int = 32
     dataset_id: int = 980
     classical: ClassicalAugment = field(default_factory=ClassicalAugment)
