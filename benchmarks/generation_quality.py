@@ -9,7 +9,10 @@ each modality's source images, never trained on); in the same tables:
 
     real held-out vs real training   the floor: N real training patches per label
     tokenizer reconstructions        those N patches encoded and decoded by the run's tokenizer
-    model                            N pairs per label sampled from the run (cfg 1.5, T 0.85, top-k 100, top-p 0.92)
+    tokenizer swap                   structure tokens of one held-out patch, appearance tokens of another (any label):
+                                     its image-mask Dice is the swap consistency (does the image follow S?)
+    model                            N pairs per label sampled from the run (its own sampling defaults, sampling.json)
+    model, filtered                  the N of 2 N sampled pairs the run's quality filter ranks best (passing only)
     weak: marginal tokens            N pairs per label of independent tokens from the training token frequencies
 
 N = 200 per label by default, sized so the whole run (DSB2018 ingest, 600 sampled pairs, evaluator
@@ -38,6 +41,7 @@ from pathar_aug.evaluation import EvalConfig
 from pathar_aug.evaluation.report import grid_name
 from pathar_aug.evaluation.run import evaluate_run
 from pathar_aug.sampler import SamplingConfig
+from pathar_aug.sampling_defaults import resolve_sampling
 
 
 def main() -> None:
@@ -48,11 +52,11 @@ def main() -> None:
     ap.add_argument("--features", action="append", default=None,
                     help="extra feature spaces, as `pathar-aug evaluate --features` (e.g. dinov2:PATH)")
     ap.add_argument("--batch-size", type=int, default=32)
-    # Plain ancestral sampling (with guidance 1.5): at the paper's truncation (temperature 0.85,
-    # top-k 100, top-p 0.92) the short-trained CPU prior collapses to empty masks (see README).
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--top-p", type=float, default=1.0)
+    # default (None): the run's own sampling defaults, chosen at the end of its training
+    ap.add_argument("--cfg", type=float, default=None)
+    ap.add_argument("--temperature", type=float, default=None)
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--top-p", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
@@ -66,8 +70,8 @@ def main() -> None:
     result = evaluate_run(
         model=run, images=DSB_ROOT / "images", masks=DSB_ROOT / "masks", labels_csv=labels_csv, out=out,
         n=args.n, n_real=args.n_real, features=features,
-        sampling=SamplingConfig(batch_size=args.batch_size, seed=args.seed, temperature=args.temperature,
-                                top_k=args.top_k, top_p=args.top_p),
+        sampling=SamplingConfig(batch_size=args.batch_size, seed=args.seed, **resolve_sampling(
+            run, guidance=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)),
         config=EvalConfig(progress=not args.quiet, seed=args.seed), device=device,
         log=lambda msg: print(msg, flush=True),
     )
