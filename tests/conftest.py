@@ -92,3 +92,29 @@ try:
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 except ImportError:  # hypothesis is in the 'test' extra; without it only the fuzz suite is skipped
     pass
+
+
+@pytest.fixture
+def nnunet_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """Empty nnU-Net raw / preprocessed / results folders, named in the environment as nnU-Net reads them."""
+    dirs = {k: tmp_path / k for k in ("raw", "preprocessed", "results")}
+    for d in dirs.values():
+        d.mkdir()
+    monkeypatch.setenv("nnUNet_raw", str(dirs["raw"]))
+    monkeypatch.setenv("nnUNet_preprocessed", str(dirs["preprocessed"]))
+    monkeypatch.setenv("nnUNet_results", str(dirs["results"]))
+    return dirs
+
+
+def train_tiny_run(root: Path, *options: str, n: int = 10, size: int = 64,
+                   labels: tuple[str, ...] = ("bright", "dark")) -> dict[str, Path]:
+    """A tiny model trained through the CLI on real PNG folders written under ``root``."""
+    from typer.testing import CliRunner
+
+    from pathar_aug.cli import app
+
+    images, masks = write_pair_folders(root / "data", n=n, size=size, labels=labels)
+    result = CliRunner().invoke(app, ["train", "--images", str(images), "--masks", str(masks), "--preset", "tiny",
+                                      "--out", str(root / "run"), "--quiet", "--val-fraction", "0.2", *options])
+    assert result.exit_code == 0, result.output
+    return {"root": root, "images": images, "masks": masks, "run": root / "run"}

@@ -55,15 +55,6 @@ def _one_thread(one_thread):
     yield
 
 
-@pytest.fixture
-def nnunet_dirs(tmp_path, monkeypatch) -> dict[str, Path]:
-    dirs = {k: tmp_path / k for k in ("raw", "pre", "res")}
-    for d in dirs.values():
-        d.mkdir()
-    monkeypatch.setenv("nnUNet_raw", str(dirs["raw"]))
-    monkeypatch.setenv("nnUNet_preprocessed", str(dirs["pre"]))
-    monkeypatch.setenv("nnUNet_results", str(dirs["res"]))
-    return dirs
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pathar_aug.cli import app
-from tests.conftest import write_pair_folders
+from tests.conftest import train_tiny_run
 
 runner = CliRunner()
 
@@ -28,23 +28,9 @@ def snapshot(folder: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:
     """A tiny model trained once through the CLI on two labels of real PNG files."""
-    root = tmp_path_factory.mktemp("cli")
-    images, masks = write_pair_folders(root / "data", n=10, size=64, labels=("bright", "dark"))
-    result = runner.invoke(app, ["train", "--images", str(images), "--masks", str(masks), "--preset", "tiny",
-                                 "--out", str(root / "run"), "--quiet", "--val-fraction", "0.2"])
-    assert result.exit_code == 0, result.output
-    return {"root": root, "images": images, "masks": masks, "run": root / "run"}
+    return train_tiny_run(tmp_path_factory.mktemp("cli"))
 
 
-@pytest.fixture
-def nnunet_dirs(tmp_path, monkeypatch) -> dict[str, Path]:
-    dirs = {k: tmp_path / k for k in ("raw", "pre", "res")}
-    for d in dirs.values():
-        d.mkdir()
-    monkeypatch.setenv("nnUNet_raw", str(dirs["raw"]))
-    monkeypatch.setenv("nnUNet_preprocessed", str(dirs["pre"]))
-    monkeypatch.setenv("nnUNet_results", str(dirs["res"]))
-    return dirs
 
 
 def test_train_writes_a_complete_run_folder(trained):
@@ -82,7 +68,7 @@ def test_end_to_end_import_synthesize_verify_preprocess_clean(trained, nnunet_di
     verify(dataset)  # nnU-Net's own integrity check
     identifier = plan_and_preprocess(501, num_processes=1, cpu_network=True)
     # nnU-Net's own split loading: every fold validates on real cases only and trains on all synthetic
-    plans = json.loads((nnunet_dirs["pre"] / dataset.name / f"{identifier}.json").read_text())
+    plans = json.loads((nnunet_dirs["preprocessed"] / dataset.name / f"{identifier}.json").read_text())
     for fold in range(5):
         plans["continue_training"] = False  # popped by nnUNetTrainer.__init__
         trainer = nnUNetTrainer(plans=plans, configuration="2d", fold=fold, dataset_json=dj,

@@ -17,7 +17,7 @@ from pathar_aug.evaluation.run import FLOOR, FLOOR_SPLIT, MODEL, RECON, WEAK, pa
 from pathar_aug.evaluation.sets import MODEL_FILTERED, SWAP
 from pathar_aug.evaluation.inputs import dinov2_arch as _dinov2_arch
 from pathar_aug.evaluation.weak_generator import MarginalTokenGenerator
-from tests.conftest import block_network, write_pair_folders
+from tests.conftest import block_network, train_tiny_run, write_pair_folders
 
 runner = CliRunner()
 torch.set_num_threads(2)
@@ -37,13 +37,8 @@ def offline():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:
     """A tiny model trained once through the CLI on two labels of real PNG files."""
-    root = tmp_path_factory.mktemp("evaluate")
-    images, masks = write_pair_folders(root / "data", n=10, size=64, labels=("bright", "dark"))
-    result = runner.invoke(app, ["train", "--images", str(images), "--masks", str(masks), "--preset", "tiny",
-                                 "--out", str(root / "run"), "--quiet", "--val-fraction", "0.2",
-                                 "--tokenizer-steps", "10", "--prior-steps", "10"])
-    assert result.exit_code == 0, result.output
-    return {"root": root, "images": images, "masks": masks, "run": root / "run", "cache": root / "cache"}
+    run = train_tiny_run(tmp_path_factory.mktemp("evaluate"), "--tokenizer-steps", "10", "--prior-steps", "10")
+    return {**run, "cache": run["root"] / "cache"}
 
 
 @pytest.fixture(scope="module")

@@ -41,15 +41,6 @@ from nnunet_integration.toy import disc_case, make_real_dataset  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def nnunet_dirs(tmp_path, monkeypatch):
-    dirs = {k: tmp_path / k for k in ("raw", "preprocessed", "results")}
-    for d in dirs.values():
-        d.mkdir()
-    monkeypatch.setenv("nnUNet_raw", str(dirs["raw"]))
-    monkeypatch.setenv("nnUNet_preprocessed", str(dirs["preprocessed"]))
-    monkeypatch.setenv("nnUNet_results", str(dirs["results"]))
-    return dirs
 
 
 def synthetic(n: int, seed: int = 1, size: int = 64, start: int = 0):

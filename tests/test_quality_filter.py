@@ -15,7 +15,7 @@ from pathar_aug.patches import PatchSet
 from pathar_aug.quality_filter import (
     FILTER_DIR, STATS_FILE, LabelStats, QualityFilter, agreement_threshold, quota, real_statistics,
 )
-from tests.conftest import disc_pair, write_pair_folders
+from tests.conftest import disc_pair, train_tiny_run
 
 runner = CliRunner()
 SIZE = 32
@@ -154,23 +154,12 @@ def test_threshold_and_shares_come_from_the_real_tiles():
 # ------------------------------------------------------------------ a real run and nnU-Net dataset
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, one_thread) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("qf")
-    images, masks = write_pair_folders(root / "data", n=10, size=64, labels=("bright", "dark"))
-    res = runner.invoke(app, ["train", "--images", str(images), "--masks", str(masks), "--preset", "tiny",
-                              "--out", str(root / "run"), "--quiet", "--val-fraction", "0.2"])
-    assert res.exit_code == 0, res.output
-    return {"root": root, "images": images, "masks": masks, "run": root / "run"}
+    return train_tiny_run(tmp_path_factory.mktemp("qf"))
 
 
 @pytest.fixture
-def raw(tmp_path, monkeypatch) -> Path:
-    dirs = {k: tmp_path / k for k in ("raw", "pre", "res")}
-    for d in dirs.values():
-        d.mkdir()
-    monkeypatch.setenv("nnUNet_raw", str(dirs["raw"]))
-    monkeypatch.setenv("nnUNet_preprocessed", str(dirs["pre"]))
-    monkeypatch.setenv("nnUNet_results", str(dirs["res"]))
-    return dirs["raw"]
+def raw(nnunet_dirs) -> Path:
+    return nnunet_dirs["raw"]
 
 
 def test_train_stores_the_filter_and_it_judges_real_pairs(run):
