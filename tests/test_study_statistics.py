@@ -133,7 +133,8 @@ def test_summary_marks_the_deltas_whose_interval_excludes_zero():
     assert by[("II", "b")]["delta_ci_low"] < 0 < by[("II", "b")]["delta_ci_high"]
     assert by[("II", AVERAGE)]["delta_vs_I"] == pytest.approx((0.2 - 0.05) / 2)
     assert by[("I", "a")]["delta_vs_I"] == 0.0 and by[("II", "a")]["seeds"] == 2
-    meta = {"schedule_text": "x", "patch": 32, "plans_text": "p", "generator_text": "g", "instances_text": "i"}
+    meta = {"schedule_text": "x", "patch": 32, "plans_text": "p", "generator_text": "g", "instances_text": "i",
+            "sampling_text": "s", "filter_text": "f"}
     table = markdown_table(settings, plan, rows, meta)
     assert "(**+0.200 [+0.200, +0.200]**)" in table  # excludes 0: bold
     assert "(-0.050 [" in table and "(**-0.050" not in table  # spans 0: plain
