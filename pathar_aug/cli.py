@@ -192,11 +192,9 @@ def train(
                                  {"steps": prior_steps, "batch_size": batch_size}, val_fraction, seed)
     given = _typed_options(ctx, ("images", "masks", "labels", "preset", "tokenizer_steps", "prior_steps", "batch_size",
                             "val_fraction", "seed")) if resume else None
-    try:
-        train_run(out, settings, _rank_device(device), resume=resume, given=given, reporter=_reporter(quiet),
-                  compile=compile)
-    finally:
-        distributed.shutdown()
+    train_run(out, settings, _rank_device(device), resume=resume, given=given, reporter=_reporter(quiet),
+              compile=compile)
+    distributed.shutdown()
     _main_console(f"\n[bold green]done[/bold green]: model in {out}  (preview: {out / 'samples_preview.png'})")
     _main_console(f"next: pathar-aug synthesize --model {out} --into 501 --n 400")
 
@@ -261,14 +259,12 @@ def synthesize(
 
     reporter = _reporter()
     sampling = sampling_config(cfg, temperature, top_k, top_p, seed, batch_size, model)
-    try:
-        result = synthesize_into(model=model, into=into, n=n, label=label, per_label=per_label, masks_from=masks_from,
-                                 sampling=dataclasses.replace(sampling, compile=compile),
-                                 device=_rank_device(device), nnunet_raw=nnunet_raw,
-                                 nnunet_preprocessed=nnunet_preprocessed, quality_filter=quality_filter,
-                                 oversample=oversample, min_agreement=min_agreement, reporter=reporter)
-    finally:
-        distributed.shutdown()
+    result = synthesize_into(model=model, into=into, n=n, label=label, per_label=per_label, masks_from=masks_from,
+                             sampling=dataclasses.replace(sampling, compile=compile), device=_rank_device(device),
+                             nnunet_raw=nnunet_raw, nnunet_preprocessed=nnunet_preprocessed,
+                             quality_filter=quality_filter, oversample=oversample, min_agreement=min_agreement,
+                             reporter=reporter)
+    distributed.shutdown()
     for line in acceptance_lines(result) if distributed.main_process() else ():
         reporter.log(line)
 

@@ -80,7 +80,10 @@ def init(device: torch.device) -> torch.device:
 
 
 def shutdown() -> None:
+    """Leave the process group once every rank is done (call it on success only: after an error the
+    process just exits, and torchrun stops the other ranks)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank closes its connections while another still works
         dist.destroy_process_group()
 
 

@@ -25,6 +25,7 @@ import torch
 
 from pathar_aug import distributed
 from pathar_aug.config import from_dict, from_preset, save_json, to_dict
+from pathar_aug.device import autocast
 from pathar_aug.ingest import MASK_SUFFIXES, IngestError, find_files, load_pairs, read_mask
 from pathar_aug.patches import PatchSet, make_patches, split_by_image, tile_starts
 from pathar_aug.preview import save_grid, to_rgb_tiles
@@ -355,7 +356,8 @@ class Generator:
         s, a = sample_tokens(self.prior, labels, sampling, device, structure=structure, progress=progress)
         images, masks = [], []
         for start in range(0, len(labels), 64):
-            img, msk = self.tokenizer.decode(s[start:start + 64].to(device), a[start:start + 64].to(device))
+            with autocast(device):  # bf16 on CUDA
+                img, msk = self.tokenizer.decode(s[start:start + 64].to(device), a[start:start + 64].to(device))
             images.append(img.cpu())
             masks.append(msk.cpu())
         return torch.cat(images), torch.cat(masks)

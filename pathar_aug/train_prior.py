@@ -187,7 +187,7 @@ def train_prior(
         )
 
     prior.train()
-    running = torch.zeros(2)
+    running = torch.zeros(2, device=device)  # summed on the device: no wait for the GPU every step
     running_steps = 0
     with reporter_for(reporter, progress=progress).task("prior", total=total, completed=step) as task:
         while step < total:
@@ -205,7 +205,7 @@ def train_prior(
             optimizer.step()
             step += 1
 
-            running += torch.tensor([s_nll.item(), a_nll.item()])
+            running += torch.stack([s_nll.detach(), a_nll.detach()]).float()
             running_steps += 1
             if step % cfg.log_every == 0 or step == total:
                 s_avg, a_avg = distributed.all_mean(running / running_steps).tolist()  # over the global batch
