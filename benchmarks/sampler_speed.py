@@ -14,7 +14,11 @@ size B (images), with classifier-free guidance on (so the prior runs on 2B rows)
 * effective GFLOP/s counts the prior's useful matmul FLOPs of one cached run: 2 x linear weights x
   tokens (blocks and heads) plus attention QK^T and AV over the keys each query may see, for both
   guidance rows; ``fraction_of_matmul_peak`` divides it by the best float32 torch.mm rate measured
-  in the same process (at the start and at the end of the run).
+  in the same process (at the start and at the end of the run);
+* with ``--decode``, the tokenizer of the same preset (random weights, its grid must be 16 x 16)
+  decodes each batch's token grids into 256² (paper) images and masks, in chunks of 64 as
+  ``Generator.generate`` does: ``seconds_per_image_with_decode`` is the whole pipeline per image,
+  the figure the paper's 0.086 s compares with.
 
 Writes benchmarks/results/sampler_speed.json.
 """
@@ -34,6 +38,7 @@ from pathar_aug.config import from_preset, save_json, to_dict
 from pathar_aug.device import autocast, resolve_device
 from pathar_aug.prior import PRIOR_PRESETS, InterleavedPrior
 from pathar_aug.sampler import GuidedDecoder, SamplingConfig, sample_from_logits, sample_tokens
+from pathar_aug.tokenizer import TOKENIZER_PRESETS, DualVQTokenizer
 
 GRID = (16, 16)
 PAPER_SECONDS_PER_IMAGE = 0.086  # Table X, RTX A6000, 256 x 256, whole pipeline
@@ -136,6 +141,22 @@ def time_nocache(prior, batch: int, scfg: SamplingConfig, device: torch.device, 
     return total, {str(i): round(t, 5) for i, t in timed.items()}
 
 
+@torch.inference_mode()
+def time_decode(tokenizer: DualVQTokenizer, batch: int, device: torch.device) -> float:
+    """Seconds to decode ``batch`` token grids into images and masks (chunks of 64, as generate)."""
+    h = w = GRID[0]
+    s = torch.randint(0, tokenizer.cfg.structure_codes, (batch, h, w), device=device)
+    a = torch.randint(0, tokenizer.cfg.appearance_codes, (batch, h, w), device=device)
+    sync(device)
+    t0 = time.perf_counter()
+    for start in range(0, batch, 64):
+        with autocast(device):
+            images, masks = tokenizer.decode(s[start:start + 64], a[start:start + 64])
+        images.cpu(), masks.cpu()
+    sync(device)
+    return time.perf_counter() - t0
+
+
 def machine_info(device: torch.device) -> dict:
     info = {
         "platform": platform.platform(),
@@ -164,6 +185,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the cached step")
     parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. why --threads)")
+    parser.add_argument("--decode", action="store_true", help="also time the tokenizer's decoding (whole pipeline)")
+    parser.add_argument("--no-nocache", action="store_true", help="skip the no-cache reference timing")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -183,11 +206,21 @@ def main() -> None:
         flops_image = 2 * flops_per_sequence(prior)  # two rows per image: conditional + null label
         n = prior.num_locations
         warm_up(prior, scfg, device)
+        tokenizer = None
+        if args.decode:
+            tcfg = from_preset(TOKENIZER_PRESETS, preset, structure_codes=args.codes, appearance_codes=args.codes)
+            if tcfg.patch_size // tcfg.downsample != GRID[0]:
+                raise SystemExit(f"--decode: the {preset} tokenizer's grid is not {GRID}")
+            tokenizer = DualVQTokenizer(tcfg).to(device).eval()
+            time_decode(tokenizer, 2, device)  # warm-up
         rows = {}
         for batch in args.batches:
             bcfg = SamplingConfig(**(to_dict(scfg) | {"batch_size": batch}))
             cached = time_cached(prior, batch, bcfg, device)
-            nocache, nocache_steps = time_nocache(prior, batch, bcfg, device, args.nocache_points)
+            if args.no_nocache:
+                nocache, nocache_steps = float("nan"), {}
+            else:
+                nocache, nocache_steps = time_nocache(prior, batch, bcfg, device, args.nocache_points)
             gflops = flops_image * batch / cached / 1e9
             rows[str(batch)] = {
                 "images": batch,
@@ -202,6 +235,13 @@ def main() -> None:
                 "nocache_seconds_per_timed_step": nocache_steps,
                 "speedup_vs_nocache": round(nocache / cached, 2),
             }
+            if args.no_nocache:
+                rows[str(batch)] |= {"seconds_nocache_extrapolated": None, "speedup_vs_nocache": None}
+            if tokenizer is not None:
+                decode = time_decode(tokenizer, batch, device)
+                rows[str(batch)] |= {"seconds_decode": round(decode, 3),
+                                     "seconds_per_image_with_decode": round((cached + decode) / batch, 4),
+                                     "image_size": tokenizer.cfg.patch_size}
             print(f"{preset:>6} batch {batch:>3}: {batch / cached:8.3f} img/s  {2 * n * batch / cached:9.1f} tok/s  "
                   f"{gflops:7.1f} GFLOP/s  no-cache x{nocache / cached:6.1f}", flush=True)
         results[preset] = {
@@ -210,7 +250,7 @@ def main() -> None:
             "gflop_per_image": round(flops_image / 1e9, 3),
             "batches": rows,
         }
-        del prior
+        del prior, tokenizer
 
     peak_end = matmul_peak_gflops(device, peak_size)
     peak = max(peak_start, peak_end)

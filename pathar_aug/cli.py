@@ -90,10 +90,31 @@ def _device(name: str):
 
 
 def _reporter(quiet: bool = False):
-    """The one reporter of a command: log lines and progress bars on the console."""
+    """The one reporter of a command: log lines and progress bars on the console (rank 0's alone
+    under torchrun; the other ranks stay silent)."""
+    from pathar_aug import distributed
     from pathar_aug.reporter import RichReporter
 
-    return RichReporter(console, progress=not quiet)
+    return distributed.reporter_of(RichReporter(console, progress=not quiet))[0]
+
+
+def _rank_device(name: str):
+    """``--device`` of a command that runs under torchrun too: joins the process group torchrun set
+    up (NCCL on CUDA, gloo on the CPU) and gives each process its own GPU, cuda:LOCAL_RANK."""
+    from pathar_aug import distributed
+
+    return distributed.init(_device(name))
+
+
+def _main_console(text: str) -> None:
+    from pathar_aug import distributed
+
+    if distributed.main_process():
+        console.print(text)
+
+
+COMPILE_OPTION = typer.Option(False, "--compile", help="torch.compile the networks (CUDA: faster after a minute "
+                                                       "of compilation; results as without, up to rounding).")
 
 
 # The sampling options, shared by every command that samples. Left out, each comes from the run's
@@ -146,13 +167,19 @@ def train(
     val_fraction: float = typer.Option(0.1, help="Share of source images per label held out (never trained on)."),
     seed: int = typer.Option(0, help="Seed for the split, initialisation and batches."),
     quiet: bool = typer.Option(False, help="No progress bars."),
+    compile: bool = COMPILE_OPTION,
 ) -> None:
     """Train the generator (tokenizer, then prior) on your image and mask folders.
 
     Everything lands in one run folder; an interrupted run continues with --resume. Patches are
     cut from your images at the preset's patch size (128 px for cpu, 256 px for paper); source
     images are split per label so held-out images never reach training.
+
+    [bold]Several GPUs or machines[/bold]: torchrun --nproc_per_node N -m pathar_aug train ...
+    trains with DistributedDataParallel, one process per GPU; the batch size stays the global
+    batch (it must split evenly over the processes) and rank 0 alone writes the run folder.
     """
+    from pathar_aug import distributed
     from pathar_aug.pipeline import make_settings, train_run
 
     if images is None or masks is None:  # a resume finds its settings in the run folder
@@ -165,9 +192,11 @@ def train(
                                  {"steps": prior_steps, "batch_size": batch_size}, val_fraction, seed)
     given = _typed_options(ctx, ("images", "masks", "labels", "preset", "tokenizer_steps", "prior_steps", "batch_size",
                             "val_fraction", "seed")) if resume else None
-    train_run(out, settings, _device(device), resume=resume, given=given, reporter=_reporter(quiet))
-    console.print(f"\n[bold green]done[/bold green]: model in {out}  (preview: {out / 'samples_preview.png'})")
-    console.print(f"next: pathar-aug synthesize --model {out} --into 501 --n 400")
+    train_run(out, settings, _rank_device(device), resume=resume, given=given, reporter=_reporter(quiet),
+              compile=compile)
+    distributed.shutdown()
+    _main_console(f"\n[bold green]done[/bold green]: model in {out}  (preview: {out / 'samples_preview.png'})")
+    _main_console(f"next: pathar-aug synthesize --model {out} --into 501 --n 400")
 
 
 # ---------------------------------------------------------------------------------- synthesize
@@ -176,7 +205,7 @@ def train(
 def synthesize(
     model: Path = typer.Option(..., help="A run folder made by `pathar-aug train`."),
     into: str = typer.Option(..., help="nnU-Net raw dataset: id (501), name (Dataset501_Nuclei) or path. Created if absent."),
-    n: int = typer.Option(400, help="Number of image-mask pairs (per label with --per-label)."),
+    n: int = typer.Option(400, "--n", "-n", help="Number of image-mask pairs (per label with --per-label). Under torchrun write -n: torchrun takes --n for one of its own options."),
     label: Optional[str] = typer.Option(None, help="Condition label for every pair (default: spread over all labels)."),
     per_label: bool = typer.Option(False, "--per-label", help="Make --n pairs for each label."),
     masks_from: Optional[Path] = typer.Option(None, help="Render images for these masks (mask-conditioned) instead of sampling masks."),
@@ -193,6 +222,7 @@ def synthesize(
     quality_filter: bool = typer.Option(True, "--filter/--no-filter", help="Keep only pairs whose image and mask agree (see below); --no-filter writes every sampled pair."),
     oversample: float = typer.Option(3.0, help="Filter: candidates drawn per requested pair, 1 to 10 (sampling time grows with it)."),
     min_agreement: Optional[float] = typer.Option(None, help="Filter: minimum image-mask Dice for every label (default: per label, the 10th percentile of real held-out tiles)."),
+    compile: bool = COMPILE_OPTION,
 ) -> None:
     """Add synthetic pairs to an nnU-Net v2 raw dataset (imagesTr/labelsTr, dataset.json).
 
@@ -217,16 +247,25 @@ def synthesize(
     written against how many were requested. Masks given with --masks-from are scored, never
     dropped. A run trained before the filter existed gets it trained once, on first use
     (`pathar-aug train --out RUN --resume` adds it too).
+
+    [bold]Several GPUs or machines[/bold]: torchrun --nproc_per_node N -m pathar_aug synthesize ...
+    shares the chunks out over the processes; rank 0 alone writes the dataset, and the pairs are
+    those one process makes with the same seed.
     """
+    import dataclasses
+
+    from pathar_aug import distributed
     from pathar_aug.synthesize import acceptance_lines, synthesize_into
 
     reporter = _reporter()
+    sampling = sampling_config(cfg, temperature, top_k, top_p, seed, batch_size, model)
     result = synthesize_into(model=model, into=into, n=n, label=label, per_label=per_label, masks_from=masks_from,
-                             sampling=sampling_config(cfg, temperature, top_k, top_p, seed, batch_size, model),
-                             device=_device(device), nnunet_raw=nnunet_raw, nnunet_preprocessed=nnunet_preprocessed,
+                             sampling=dataclasses.replace(sampling, compile=compile), device=_rank_device(device),
+                             nnunet_raw=nnunet_raw, nnunet_preprocessed=nnunet_preprocessed,
                              quality_filter=quality_filter, oversample=oversample, min_agreement=min_agreement,
                              reporter=reporter)
-    for line in acceptance_lines(result):
+    distributed.shutdown()
+    for line in acceptance_lines(result) if distributed.main_process() else ():
         reporter.log(line)
 
 

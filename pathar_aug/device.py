@@ -7,16 +7,29 @@ import torch
 
 
 def resolve_device(name: str | None = "auto") -> torch.device:
-    """'auto' picks CUDA when present, else CPU; an unavailable CUDA request is a clear error."""
+    """'auto' picks CUDA when present, else CPU; an unavailable CUDA request is a clear error.
+
+    On CUDA, float32 matmuls and convolutions run on TF32 tensor cores (``enable_tf32``)."""
     if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
     if device.type == "cuda":
+        enable_tf32()
+    return device
+
+
+def enable_tf32() -> None:
+    """TF32 for float32 matmuls and cuDNN convolutions (what bf16 autocast leaves in float32)."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
+        matmul.fp32_precision = "tf32"
+        conv.fp32_precision = "tf32"
+    else:  # older torch
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return device
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -24,3 +37,18 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch on ``device``: through pinned memory and an asynchronous copy on CUDA."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def compile_modules(*modules: torch.nn.Module) -> None:
+    """``torch.compile`` each module in place (``nn.Module.compile``): its state dict, and so the
+    checkpoints, keep their keys. For training with ``--compile`` (CUDA; on a CPU it needs a C++
+    compiler and pays minutes of compilation for little)."""
+    for module in modules:
+        module.compile()

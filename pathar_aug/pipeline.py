@@ -23,7 +23,9 @@ from typing import Any, Callable
 
 import torch
 
+from pathar_aug import distributed
 from pathar_aug.config import from_dict, from_preset, save_json, to_dict
+from pathar_aug.device import autocast
 from pathar_aug.ingest import MASK_SUFFIXES, IngestError, find_files, load_pairs, read_mask
 from pathar_aug.patches import PatchSet, make_patches, split_by_image, tile_starts
 from pathar_aug.preview import save_grid, to_rgb_tiles
@@ -230,37 +232,52 @@ def load_patches(run_dir: Path) -> tuple[PatchSet, PatchSet | None]:
 
 
 def train_run(run_dir: str | Path, settings: RunSettings | None, device: torch.device, resume: bool = False,
-              given: dict[str, Any] | None = None, reporter: Reporter | None = None) -> Path:
+              given: dict[str, Any] | None = None, reporter: Reporter | None = None, compile: bool = False) -> Path:
     """All stages: ingest, tokenizer, tokenize, prior, preview. Returns the run folder.
 
     With ``resume``, ``settings`` may be None (the run folder holds them) and ``given`` holds the
     options typed again, checked against the run (see ``apply_resume_options``).
+
+    Under torchrun (``distributed``) every rank calls this: tokenizer and prior train on all ranks
+    with DistributedDataParallel; rank 0 alone writes the run folder and runs the other stages,
+    while the others wait (and leave once the prior is trained). ``compile``: torch.compile the
+    networks for training.
     """
-    reporter = reporter_for(reporter)
+    main = distributed.is_main()
+    reporter = reporter_for(reporter) if main else distributed.reporter_of(reporter)[0]
     log = reporter.log
     run_dir = Path(run_dir)
-    settings = prepare_run(run_dir, settings, resume, given, reporter=reporter)
+    if main:
+        settings = prepare_run(run_dir, settings, resume, given, reporter=reporter)
+    distributed.barrier()
+    if not main:
+        settings = RunInfo.load(run_dir).settings
     train_patches, heldout = load_patches(run_dir)
     log(f"[1/4] data: {len(train_patches)} training patches of {settings.tokenizer.patch_size} px, "
         f"labels {', '.join(train_patches.label_names)}")
 
     log("[2/4] tokenizer")
     tok_ckpt = train_tokenizer(train_patches, run_dir / "tokenizer", settings.tokenizer, device,
-                               resume=True, seed=settings.seed, reporter=reporter)
-    tokenizer = load_tokenizer(tok_ckpt, device)
+                               resume=True, seed=settings.seed, reporter=reporter, compile=compile)
+    distributed.barrier()  # rank 0 has written the final checkpoint
+    tokenizer = load_tokenizer(tok_ckpt, device) if main else None
 
     log("[3/4] tokenize (8 dihedral views per training patch)")
     tokens = run_dir / "tokens"
     tokens.mkdir(exist_ok=True)
     train_tokens, heldout_tokens = tokens / "train_tokens.pt", tokens / "heldout_tokens.pt"
-    if not train_tokens.exists():
+    if main and not train_tokens.exists():
         build_token_cache(tokenizer, train_patches, train_tokens, device, dihedral_views=True)
-    if heldout is not None and not heldout_tokens.exists():
+    if main and heldout is not None and not heldout_tokens.exists():
         build_token_cache(tokenizer, heldout, heldout_tokens, device, dihedral_views=False)
+    distributed.barrier()
 
     log("[4/4] prior")
     train_prior(train_tokens, run_dir / "prior", settings.prior, device, resume=True,
-                heldout_tokens_path=heldout_tokens if heldout is not None else None, reporter=reporter)
+                heldout_tokens_path=heldout_tokens if heldout is not None else None, reporter=reporter,
+                compile=compile)
+    if not main:  # the remaining stages are rank 0's alone
+        return run_dir
     generator = load_generator(run_dir, device)
     save_sample_preview(generator, run_dir / "samples_preview.png", device)
 
@@ -339,7 +356,8 @@ class Generator:
         s, a = sample_tokens(self.prior, labels, sampling, device, structure=structure, progress=progress)
         images, masks = [], []
         for start in range(0, len(labels), 64):
-            img, msk = self.tokenizer.decode(s[start:start + 64].to(device), a[start:start + 64].to(device))
+            with autocast(device):  # bf16 on CUDA
+                img, msk = self.tokenizer.decode(s[start:start + 64].to(device), a[start:start + 64].to(device))
             images.append(img.cpu())
             masks.append(msk.cpu())
         return torch.cat(images), torch.cat(masks)

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pathar_aug import distributed
+
 
 class VectorQuantizer(nn.Module):
     def __init__(self, num_codes: int, dim: int, beta: float = 0.25, dead_after: int = 200):
@@ -46,9 +48,14 @@ class VectorQuantizer(nn.Module):
         n = int(which.sum())
         if n == 0:
             return
-        pick = torch.randint(0, z.shape[0], (n,), device=z.device)
-        new = z[pick] + 0.01 * torch.randn(n, self.dim, device=z.device)
-        self.codebook.weight.data[which] = new.to(self.codebook.weight.dtype)
+        # Under DDP (``which`` is the same on every rank): rank 0 draws from the global batch's
+        # vectors, in single-process order, and every rank takes its codebook.
+        z = distributed.all_gather_rows(z)
+        if distributed.is_main():
+            pick = torch.randint(0, z.shape[0], (n,), device=z.device)
+            new = z[pick] + 0.01 * torch.randn(n, self.dim, device=z.device)
+            self.codebook.weight.data[which] = new.to(self.codebook.weight.dtype)
+        distributed.broadcast_(self.codebook.weight.data)
         self.idle_steps[which] = 0
 
     def forward(self, z_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -66,6 +73,7 @@ class VectorQuantizer(nn.Module):
             with torch.no_grad():
                 used = torch.zeros(self.num_codes, dtype=torch.bool, device=z.device)
                 used[indices] = True
+                used = distributed.all_max(used.to(torch.uint8)).bool()  # codes any rank chose
                 self.idle_steps += 1
                 self.idle_steps[used] = 0
                 self._reseed(self.idle_steps > self.dead_after, z.detach())

@@ -14,6 +14,7 @@ from nnunet_integration.manifest import SYNTHETIC_PREFIX, load_manifest, setting
 from nnunet_integration.names import case_part
 from nnunet_integration.paths import DatasetResolutionError, preprocessed_dir, resolve_dataset
 from nnunet_integration.splits import real_and_synthetic, update_splits
+from pathar_aug import distributed
 from pathar_aug.ingest import IngestError, Sample, load_pairs
 from pathar_aug.pipeline import Generator, RunError, load_generator, masks_as_patches, train_filter_stage
 from pathar_aug.reporter import Log, Reporter, reporter_for
@@ -126,10 +127,16 @@ def synthesize_into(
     kept pair's scores go into the manifest. Mask-conditioned pairs (``masks_from``) are scored and
     recorded, never dropped: their masks are the user's. A run without a filter (trained before the
     stage existed) gets it trained here first, once, into its run folder.
+
+    Under torchrun (``distributed``) every rank calls this with the same arguments: the chunks are
+    shared out over the ranks and rank 0 alone writes the dataset (``sharded``); the pairs are the
+    same as one process makes. The run folder (and ``masks_from``) must be readable on every
+    machine; the dataset only on rank 0's. Only rank 0's result holds the counts.
     """
     from pathar_aug.quality_filter import DEFAULT_OVERSAMPLE, MAX_OVERSAMPLE, QualityFilter, filter_complete, quota
 
-    reporter = reporter_for(reporter, log)
+    main = distributed.is_main()
+    reporter = reporter_for(reporter, log) if main else distributed.reporter_of(reporter)[0]
     if sampling is None:  # the run's own defaults (chosen at the end of training), else the paper's
         from pathar_aug.sampling_defaults import resolve_sampling
 
@@ -152,10 +159,11 @@ def synthesize_into(
         tiles, _ = masks_as_patches(masks_from, generator.patch_size)
         structure_masks = tiles[:n]
         labels = [labels[0]] * len(structure_masks)
-    _check_target(into, nnunet_raw)
+    if main:
+        _check_target(into, nnunet_raw)
     quality = None
     if quality_filter:
-        if not filter_complete(model):
+        if main and not filter_complete(model):
             reporter.log(f"quality filter: {model} was trained before the filter stage existed; training it now, "
                          f"once, into {Path(model) / 'filter'} (`pathar-aug train --out {model} --resume` does the same)")
             try:
@@ -163,8 +171,9 @@ def synthesize_into(
             except OSError as exc:
                 raise RunError(f"cannot add the quality filter to {model} ({exc}); make the run folder writable "
                                "or pass --no-filter") from exc
+        distributed.barrier()
         quality = QualityFilter.load(model, device)
-    dataset = resolve_dataset(into, nnunet_raw, create=True)
+    dataset = resolve_dataset(into, nnunet_raw, create=True) if main else None
 
     drawing = dict(guidance=guidance, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     settings = {"model": str(Path(model).resolve()), "mode": "mask-conditioned" if masks_from else "label-only",
@@ -241,15 +250,29 @@ def synthesize_into(
                 yield (names[i], images[j].permute(1, 2, 0).numpy(), masks[j, 0].numpy(),
                        selection.scores[k].to_json(selection.threshold))
 
+    chunks = [names[start:start + batch_size] for start in starts]
+    if distributed.active():  # every rank makes its share of the chunks rank 0 has still to write
+        from pathar_aug.sharded import ShardedChunks, counting, merger
+
+        done = committed_ids(dataset, batch) if main else None
+        todo = distributed.broadcast_object(
+            [c for c, ids in enumerate(chunks) if not all(i in done for i in ids)] if main else None)
+        shards = ShardedChunks(todo, counting(make_chunk, result.labels), merger(result.labels))
+        if not main:
+            shards.finish()
+            return result
+        make_chunk = shards.get  # rank 0 writes what the ranks made, in chunk order
     manifest = load_manifest(dataset)
     known = manifest.batches.get(batch) if manifest else None
     if known is None or "reproducibility" in known["settings"]:  # batches of older versions lack the note
         settings = {**settings, "reproducibility": REPRODUCIBILITY}  # recorded, not part of the batch tag
     with reporter.deferred_task("synthesize", total=len(labels)) as task:
-        report = write_chunks(dataset, [names[start:start + batch_size] for start in starts], make_chunk,
+        report = write_chunks(dataset, chunks, make_chunk,
                               settings=settings, batch=batch, commit_every=batch_size,
                               labels={name: generator.label_names[li] for name, li in zip(names, labels)},
                               on_chunk=task.advance, on_start=task.start)
+    if distributed.active():
+        shards.finish()
     # chunks found complete were not even generated: count this batch's cases in the manifest
     committed = committed_ids(dataset, batch)
     result.new, result.present = len(report.written), len(committed) - len(report.written)

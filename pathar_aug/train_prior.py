@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .config import from_dict, save_json, to_dict
-from .device import autocast, resolve_device
+from .device import autocast, compile_modules, resolve_device, to_device
 from .prior import ARCHITECTURE_FIELDS, InterleavedPrior, PriorConfig
 from .reporter import Reporter, reporter_for
 from .training import LossCSV, label_balanced_weights, load_checkpoint, make_adamw, save_checkpoint
@@ -114,8 +115,13 @@ def train_prior(
     heldout_tokens_path: str | Path | None = None,
     progress: bool = True,
     reporter: Reporter | None = None,
+    compile: bool = False,
 ) -> Path:
-    """Train (or resume training) the prior; returns the path of the final checkpoint."""
+    """Train (or resume training) the prior; returns the path of the final checkpoint.
+
+    Under torchrun every rank calls this (``distributed``): each trains on its block of the global
+    batch with DistributedDataParallel; rank 0 alone writes the logs, the held-out figures and the
+    checkpoints. ``compile``: torch.compile every transformer block (CUDA)."""
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -153,17 +159,27 @@ def train_prior(
         torch.set_rng_state(saved["torch_rng"].cpu())
         step = int(saved["step"])
         elapsed = float(saved.get("elapsed_s", 0.0))
+    main, rows = distributed.is_main(), distributed.rank_block(cfg.batch_size)
+    if not main:  # label dropout draws from this rank's own stream
+        torch.manual_seed(distributed.rank_seed(cfg.seed + step))
+    if compile:
+        compile_modules(*prior.blocks)
+    trainer = distributed.wrap(_Loss(prior), device)
+    reporter, progress = distributed.reporter_of(reporter, progress)
 
     total = total_steps(cfg, len(y))
-    save_json(to_dict(cfg) | {"total_steps": total, **vocab}, out_dir / "prior_config.json")
-    log = LossCSV(out_dir / LOSS_CSV_NAME, ["structure_nll", "appearance_nll", "lr"], resume_step=step)
+    if main:
+        save_json(to_dict(cfg) | {"total_steps": total, **vocab}, out_dir / "prior_config.json")
+    log = LossCSV(out_dir / LOSS_CSV_NAME, ["structure_nll", "appearance_nll", "lr"], resume_step=step) if main else None
     curve = LossCSV(out_dir / CURVE_CSV_NAME, ["heldout_structure_nll", "heldout_appearance_nll", "minutes"],
-                    resume_step=step) if heldout is not None and cfg.eval_every else None
+                    resume_step=step) if heldout is not None and cfg.eval_every and main else None
     # the curve's points see the same held-out sequences each time (a fixed, label-spread subset)
     curve_cache = _spread_subset(heldout, cfg.eval_sequences) if curve is not None else None
     started = time.monotonic() - elapsed
 
     def checkpoint() -> None:
+        if not main:
+            return
         save_checkpoint(
             ckpt_path, model=prior.state_dict(), optimizer=optimizer.state_dict(), step=step,
             config=to_dict(cfg), batch_rng=batch_rng.get_state(), torch_rng=torch.get_rng_state(),
@@ -171,7 +187,7 @@ def train_prior(
         )
 
     prior.train()
-    running = torch.zeros(2)
+    running = torch.zeros(2, device=device)  # summed on the device: no wait for the GPU every step
     running_steps = 0
     with reporter_for(reporter, progress=progress).task("prior", total=total, completed=step) as task:
         while step < total:
@@ -179,8 +195,9 @@ def train_prior(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             idx = torch.multinomial(weights, cfg.batch_size, replacement=True, generator=batch_rng)
+            idx = idx[rows]  # this rank's block of the global batch
             with autocast(device):
-                s_nll, a_nll = prior.loss(S[idx].to(device), A[idx].to(device), y[idx].to(device))
+                s_nll, a_nll = trainer(to_device(S[idx], device), to_device(A[idx], device), to_device(y[idx], device))
             optimizer.zero_grad(set_to_none=True)
             (s_nll + a_nll).backward()
             if cfg.grad_clip > 0:
@@ -188,11 +205,12 @@ def train_prior(
             optimizer.step()
             step += 1
 
-            running += torch.tensor([s_nll.item(), a_nll.item()])
+            running += torch.stack([s_nll.detach(), a_nll.detach()]).float()
             running_steps += 1
             if step % cfg.log_every == 0 or step == total:
-                s_avg, a_avg = (running / running_steps).tolist()
-                log.log(step, {"structure_nll": s_avg, "appearance_nll": a_avg, "lr": lr})
+                s_avg, a_avg = distributed.all_mean(running / running_steps).tolist()  # over the global batch
+                if log is not None:
+                    log.log(step, {"structure_nll": s_avg, "appearance_nll": a_avg, "lr": lr})
                 task.update(info=f"s {s_avg:.3f}  a {a_avg:.3f}  lr {lr:.2e}")
                 running.zero_()
                 running_steps = 0
@@ -206,10 +224,21 @@ def train_prior(
             task.update(completed=step)
     checkpoint()
 
-    if heldout is not None:
+    if heldout is not None and main:
         result = evaluate_nll(prior, heldout, device, cfg.eval_batch_size)
         save_json(result | {"step": step, "tokens": str(heldout_tokens_path)}, out_dir / HELDOUT_NAME)
     return ckpt_path
+
+
+class _Loss(torch.nn.Module):
+    """The prior's training loss as a forward pass: what DistributedDataParallel wraps."""
+
+    def __init__(self, prior: InterleavedPrior):
+        super().__init__()
+        self.prior = prior
+
+    def forward(self, structure: torch.Tensor, appearance: torch.Tensor, labels: torch.Tensor):
+        return self.prior.loss(structure, appearance, labels)
 
 
 def load_prior(checkpoint_path: str | Path, device: torch.device | str = "auto") -> InterleavedPrior:

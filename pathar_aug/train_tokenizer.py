@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
+from pathar_aug import distributed
 from pathar_aug.config import from_dict, to_dict
-from pathar_aug.device import autocast
+from pathar_aug.device import autocast, compile_modules, to_device
 from pathar_aug.patches import PatchSet, dihedral, random_dihedral
 from pathar_aug.preview import save_grid, to_rgb_tiles
 from pathar_aug.quantizer import codebook_usage
@@ -53,8 +54,13 @@ def train_tokenizer(
     show_progress: bool = True,
     seed: int = 0,
     reporter: Reporter | None = None,
+    compile: bool = False,
 ) -> Path:
-    """Train (or resume) the tokenizer; returns the checkpoint path. A finished run returns at once."""
+    """Train (or resume) the tokenizer; returns the checkpoint path. A finished run returns at once.
+
+    Under torchrun every rank calls this (``distributed``): each trains on its block of the global
+    batch with DistributedDataParallel, rank 0 alone writes the log, previews and checkpoints.
+    ``compile``: torch.compile the encoders and decoders (CUDA)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / CHECKPOINT
@@ -72,11 +78,21 @@ def train_tokenizer(
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         elapsed = float(state.get("elapsed_s", 0.0))
+    main, rows = distributed.is_main(), distributed.rank_block(cfg.batch_size)
+    if not main:  # appearance shuffling draws from this rank's own stream
+        torch.manual_seed(distributed.rank_seed(seed + step))
+    if compile:
+        compile_modules(model.structure_encoder, model.appearance_encoder, model.mask_in, model.fusion,
+                        model.mask_decoder, model.image_decoder)
+    trainer = distributed.wrap(model, device)
+    reporter, show_progress = distributed.reporter_of(reporter, show_progress)
     log = LossCSV(out_dir / "tokenizer_loss.csv",
-                  [*LOSS_TERMS, "usage_structure", "usage_appearance", "lr", "minutes"], step)
+                  [*LOSS_TERMS, "usage_structure", "usage_appearance", "lr", "minutes"], step) if main else None
     started = time.monotonic() - elapsed  # training time across resumed invocations
 
     def checkpoint() -> None:
+        if not main:
+            return
         save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(), step=step,
                         config=to_dict(cfg), label_names=patches.label_names, elapsed_s=time.monotonic() - started)
 
@@ -88,11 +104,12 @@ def train_tokenizer(
         while step < cfg.steps:
             idx = torch.multinomial(weights, cfg.batch_size, replacement=True, generator=gen)
             images, masks = random_dihedral(patches.images[idx], patches.masks[idx], gen)
+            images, masks = images[rows], masks[rows]  # this rank's block of the global batch
             lr = lr_at(step, cfg.steps, cfg.lr)
             for group in opt.param_groups:
                 group["lr"] = lr
             with autocast(device):
-                out = model(images.to(device), masks.to(device))
+                out = trainer(to_device(images, device), to_device(masks, device))
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -101,15 +118,18 @@ def train_tokenizer(
             window_s.append(out["structure_tokens"].detach().flatten())
             window_a.append(out["appearance_tokens"].detach().flatten())
             if step % cfg.log_every == 0 or step == cfg.steps:
-                usage_s = codebook_usage(torch.cat(window_s), cfg.structure_codes)
-                usage_a = codebook_usage(torch.cat(window_a), cfg.appearance_codes)
+                usage_s = _usage(torch.cat(window_s), cfg.structure_codes)
+                usage_a = _usage(torch.cat(window_a), cfg.appearance_codes)
                 window_s, window_a = [], []
-                values = {k: out[k].item() for k in LOSS_TERMS}
-                log.log(step, {**values, "usage_structure": usage_s, "usage_appearance": usage_a, "lr": lr,
-                               "minutes": (time.monotonic() - started) / 60})
+                # the global batch's losses: the mean of the ranks' block means
+                terms = distributed.all_mean(torch.stack([out[k].detach().float() for k in LOSS_TERMS]))
+                values = dict(zip(LOSS_TERMS, terms.tolist()))
+                if log is not None:
+                    log.log(step, {**values, "usage_structure": usage_s, "usage_appearance": usage_a, "lr": lr,
+                                   "minutes": (time.monotonic() - started) / 60})
                 task.update(info=f"loss {values['loss']:.3f} rec {values['rec']:.3f} seg {values['seg']:.3f} "
                                       f"usage S {usage_s:.0%} A {usage_a:.0%}")
-            if step % cfg.preview_every == 0 or step == cfg.steps:
+            if main and (step % cfg.preview_every == 0 or step == cfg.steps):
                 save_preview(model, patches, out_dir / "tokenizer_preview.png", device)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 checkpoint()
@@ -117,6 +137,15 @@ def train_tokenizer(
     if not ckpt_path.exists():  # resumed a finished run with nothing to do
         checkpoint()
     return ckpt_path
+
+
+def _usage(tokens: torch.Tensor, num_codes: int) -> float:
+    """``codebook_usage`` of the tokens of every rank."""
+    if not distributed.active():
+        return codebook_usage(tokens, num_codes)
+    hit = torch.zeros(num_codes, dtype=torch.uint8, device=tokens.device)
+    hit[tokens] = 1
+    return int(distributed.all_max(hit).sum()) / num_codes
 
 
 def load_tokenizer(path: str | Path, device: torch.device | str = "cpu") -> DualVQTokenizer:
