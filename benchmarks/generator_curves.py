@@ -28,8 +28,9 @@ def read_rows(run: Path) -> list[dict]:
     rows = []
     for stage, name, columns in SOURCES:
         path = run / name
-        if not path.is_file():
-            raise SystemExit(f"{path} is missing: train the run first (pathar-aug train ... --out {run})")
+        if not path.is_file():  # a run still training: its finished stages only
+            print(f"{path} not written yet: {stage} left out")
+            continue
         with path.open() as f:
             for r in csv.DictReader(f):
                 for column in columns:
