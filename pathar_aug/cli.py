@@ -43,6 +43,11 @@ app = typer.Typer(help=MANUAL, no_args_is_help=True, rich_markup_mode="rich", ad
                   pretty_exceptions_enable=False)
 
 
+class InitMode(str, Enum):
+    finetune = "finetune"
+    freeze = "freeze"
+
+
 class Preset(str, Enum):
     tiny = "tiny"
     cpu = "cpu"
@@ -140,6 +145,8 @@ def train(
     seed: int = typer.Option(0, help="Seed for the split, initialisation and batches."),
     quiet: bool = typer.Option(False, help="No progress bars."),
     compile: bool = COMPILE_OPTION,
+    init: Optional[Path] = typer.Option(None, help="Start both stages from a finished run of the same preset: its tokenizer (see --init-tokenizer) and its prior, labels matched by name (a new label starts from the mean of the known ones)."),
+    init_tokenizer: InitMode = typer.Option(InitMode.finetune, help="With --init: fine-tune the starting run's tokenizer for --tokenizer-steps, or freeze it as it is."),
 ) -> None:
     """Train the generator (tokenizer, then prior) on your image and mask folders.
 
@@ -161,9 +168,10 @@ def train(
     else:
         settings = make_settings(images, masks, labels, preset.value,
                                  {"steps": tokenizer_steps, "batch_size": batch_size},
-                                 {"steps": prior_steps, "batch_size": batch_size}, val_fraction, seed)
+                                 {"steps": prior_steps, "batch_size": batch_size}, val_fraction, seed,
+                                 init=init, init_tokenizer=init_tokenizer.value)
     given = _typed_options(ctx, ("images", "masks", "labels", "preset", "tokenizer_steps", "prior_steps", "batch_size",
-                            "val_fraction", "seed")) if resume else None
+                            "val_fraction", "seed", "init", "init_tokenizer")) if resume else None
     train_run(out, settings, _rank_device(device), resume=resume, given=given, reporter=_reporter(quiet),
               compile=compile)
     distributed.shutdown()

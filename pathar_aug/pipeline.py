@@ -58,6 +58,8 @@ class RunSettings:
     prior: PriorConfig
     val_fraction: float = 0.1
     seed: int = 0
+    init: str | None = None  # a finished run both stages start from (init_from)
+    init_tokenizer: str = "finetune"  # with init: "finetune" or "freeze" its tokenizer
 
     def to_json(self) -> dict:
         return {**dataclasses.asdict(self), "tokenizer": to_dict(self.tokenizer), "prior": to_dict(self.prior)}
@@ -105,13 +107,21 @@ class RunInfo:
 
 def make_settings(images: Path, masks: Path, labels_csv: Path | None, preset: str,
                   tokenizer_overrides: dict | None = None, prior_overrides: dict | None = None,
-                  val_fraction: float = 0.1, seed: int = 0) -> RunSettings:
+                  val_fraction: float = 0.1, seed: int = 0, init: Path | None = None,
+                  init_tokenizer: str = "finetune") -> RunSettings:
+    from pathar_aug.init_from import TOKENIZER_MODES
+
+    if init_tokenizer not in TOKENIZER_MODES:
+        raise ValueError(f"--init-tokenizer must be one of {', '.join(TOKENIZER_MODES)}, got {init_tokenizer!r}")
+    if init is not None and not (Path(init) / RUN_FILE).is_file():
+        raise RunError(f"--init {init}: not a finished pathar-aug run folder (no {RUN_FILE})")
     return RunSettings(
         images=str(Path(images).resolve()), masks=str(Path(masks).resolve()),
         labels_csv=str(Path(labels_csv).resolve()) if labels_csv else None, preset=preset,
         tokenizer=from_preset(TOKENIZER_PRESETS, preset, **(tokenizer_overrides or {})),
         prior=from_preset(PRIOR_PRESETS, preset, **(prior_overrides or {})),
-        val_fraction=val_fraction, seed=seed,
+        val_fraction=val_fraction, seed=seed, init=str(Path(init).resolve()) if init else None,
+        init_tokenizer=init_tokenizer,
     )
 
 
@@ -133,6 +143,7 @@ _RESUME_OPTIONS = {
     "preset": lambda s: s.preset, "tokenizer_steps": lambda s: s.tokenizer.steps,
     "batch_size": lambda s: s.tokenizer.batch_size if s.tokenizer.batch_size == s.prior.batch_size else None,
     "val_fraction": lambda s: s.val_fraction, "seed": lambda s: s.seed, "prior_steps": lambda s: s.prior.steps,
+    "init": lambda s: s.init, "init_tokenizer": lambda s: s.init_tokenizer,
 }
 
 
@@ -148,7 +159,7 @@ def apply_resume_options(run_dir: Path, stored: RunSettings, given: dict[str, An
             raise RunError(f"--{option.replace('_', '-')} cannot be given with --resume")
         if value is None:
             continue
-        if option in ("images", "masks", "labels"):
+        if option in ("images", "masks", "labels", "init"):
             value = str(Path(value).resolve())
         if hasattr(value, "value"):  # an Enum such as the preset
             value = value.value
@@ -258,7 +269,8 @@ def train_run(run_dir: str | Path, settings: RunSettings | None, device: torch.d
 
     log("[2/4] tokenizer")
     tok_ckpt = train_tokenizer(train_patches, run_dir / "tokenizer", settings.tokenizer, device,
-                               resume=True, seed=settings.seed, reporter=reporter, compile=compile)
+                               resume=True, seed=settings.seed, reporter=reporter, compile=compile,
+                               init_from=settings.init, freeze=settings.init_tokenizer == "freeze")
     distributed.barrier()  # rank 0 has written the final checkpoint
     tokenizer = load_tokenizer(tok_ckpt, device) if main else None
 
@@ -275,7 +287,7 @@ def train_run(run_dir: str | Path, settings: RunSettings | None, device: torch.d
     log("[4/4] prior")
     train_prior(train_tokens, run_dir / "prior", settings.prior, device, resume=True,
                 heldout_tokens_path=heldout_tokens if heldout is not None else None, reporter=reporter,
-                compile=compile)
+                compile=compile, init_from=settings.init)
     if not main:  # the remaining stages are rank 0's alone
         return run_dir
     generator = load_generator(run_dir, device)

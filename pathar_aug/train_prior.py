@@ -116,12 +116,15 @@ def train_prior(
     progress: bool = True,
     reporter: Reporter | None = None,
     compile: bool = False,
+    init_from: str | Path | None = None,
 ) -> Path:
     """Train (or resume training) the prior; returns the path of the final checkpoint.
 
     Under torchrun every rank calls this (``distributed``): each trains on its block of the global
     batch with DistributedDataParallel; rank 0 alone writes the logs, the held-out figures and the
-    checkpoints. ``compile``: torch.compile every transformer block (CUDA)."""
+    checkpoints. ``compile``: torch.compile every transformer block (CUDA).
+    ``init_from``: a new run starts from that finished run's prior (``init_from.load_prior_weights``).
+    """
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -159,6 +162,10 @@ def train_prior(
         torch.set_rng_state(saved["torch_rng"].cpu())
         step = int(saved["step"])
         elapsed = float(saved.get("elapsed_s", 0.0))
+    elif init_from is not None:  # a new run started from another's prior, labels matched by name
+        from pathar_aug.init_from import load_prior_weights
+
+        load_prior_weights(prior, Path(init_from), vocab["label_names"])
     main, rows = distributed.is_main(), distributed.rank_block(cfg.batch_size)
     if not main:  # label dropout draws from this rank's own stream
         torch.manual_seed(distributed.rank_seed(cfg.seed + step))

@@ -55,8 +55,13 @@ def train_tokenizer(
     seed: int = 0,
     reporter: Reporter | None = None,
     compile: bool = False,
+    init_from: str | Path | None = None,
+    freeze: bool = False,
 ) -> Path:
     """Train (or resume) the tokenizer; returns the checkpoint path. A finished run returns at once.
+
+    ``init_from``: a new run starts from that run's tokenizer (``init_from``), fine-tuned for the
+    configured steps or, with ``freeze``, kept as it is (no step trained).
 
     Under torchrun every rank calls this (``distributed``): each trains on its block of the global
     batch with DistributedDataParallel, rank 0 alone writes the log, previews and checkpoints.
@@ -78,6 +83,12 @@ def train_tokenizer(
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         elapsed = float(state.get("elapsed_s", 0.0))
+    elif init_from is not None:  # a new run started from another's weights: fine-tuned, or frozen as they are
+        from pathar_aug.init_from import load_tokenizer_weights
+
+        load_tokenizer_weights(model, Path(init_from))
+        if freeze:
+            step = cfg.steps
     main, rows = distributed.is_main(), distributed.rank_block(cfg.batch_size)
     if not main:  # appearance shuffling draws from this rank's own stream
         torch.manual_seed(distributed.rank_seed(seed + step))

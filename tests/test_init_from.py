@@ -1,0 +1,70 @@
+"""`pathar-aug train --init RUN`: both stages start from another run's weights, labels matched by name."""
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pathar_aug.cli import app
+from pathar_aug.config import from_preset
+from pathar_aug.init_from import InitError, load_prior_weights
+from pathar_aug.prior import PRIOR_PRESETS, InterleavedPrior
+from tests.conftest import train_tiny_run, write_pair_folders
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory, one_thread):
+    """A finished tiny run on labels bright / dark: the starting point."""
+    return train_tiny_run(tmp_path_factory.mktemp("init"), "--tokenizer-steps", "4", "--prior-steps", "4")
+
+
+def test_prior_labels_are_matched_by_name_and_new_ones_start_from_the_mean(start):
+    saved = torch.load(start["run"] / "prior" / "prior.pt", weights_only=False)
+    assert saved["label_names"] == ["bright", "dark"]
+    theirs = saved["model"]["label_emb.weight"]  # bright, dark, null
+    prior = InterleavedPrior(from_preset(PRIOR_PRESETS, "tiny"), saved["num_structure_codes"],
+                             saved["num_appearance_codes"], saved["grid"], 3)
+    origin = load_prior_weights(prior, start["run"], ["dark", "new", "bright"])
+    assert origin == {"dark": "kept", "new": "new", "bright": "kept"}
+    ours = prior.label_emb.weight.detach()
+    assert torch.equal(ours[0], theirs[1]) and torch.equal(ours[2], theirs[0])  # by name, not position
+    assert torch.allclose(ours[1], theirs[:2].mean(dim=0))  # a new label: the mean of the known ones
+    assert torch.equal(ours[3], theirs[2])  # the null label keeps its row
+    assert torch.equal(prior.structure_emb.weight, saved["model"]["structure_emb.weight"])
+
+
+def test_a_run_started_from_another(start, tmp_path):
+    # new data with one known label (dark) and one new (other); tokenizer frozen
+    images, masks = write_pair_folders(tmp_path / "data", n=8, size=64, labels=("dark", "other"), seed=3)
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["train", "--images", str(images), "--masks", str(masks), "--preset", "tiny",
+                              "--out", str(out), "--quiet", "--val-fraction", "0.2", "--prior-steps", "2",
+                              "--init", str(start["run"]), "--init-tokenizer", "freeze"])
+    assert res.exit_code == 0, res.output
+    theirs = torch.load(start["run"] / "tokenizer" / "tokenizer.pt", weights_only=False)["model"]
+    ours = torch.load(out / "tokenizer" / "tokenizer.pt", weights_only=False)["model"]
+    assert all(torch.equal(theirs[k], ours[k]) for k in theirs)  # frozen: not one step trained
+    prior = torch.load(out / "prior" / "prior.pt", weights_only=False)
+    assert prior["label_names"] == ["dark", "other"] and prior["step"] == 2
+    assert (out / "sampling.json").is_file() and (out / "filter" / "filter.json").is_file()
+
+    # fine-tuned: the tokenizer starts from the run's weights and moves
+    out2 = tmp_path / "run2"
+    res = runner.invoke(app, ["train", "--images", str(images), "--masks", str(masks), "--preset", "tiny",
+                              "--out", str(out2), "--quiet", "--val-fraction", "0.2", "--tokenizer-steps", "2",
+                              "--prior-steps", "2", "--init", str(start["run"])])
+    assert res.exit_code == 0, res.output
+    tuned = torch.load(out2 / "tokenizer" / "tokenizer.pt", weights_only=False)
+    assert tuned["step"] == 2 and not all(torch.equal(theirs[k], tuned["model"][k]) for k in theirs)
+
+
+def test_init_from_another_architecture_or_no_run_is_refused(start, tmp_path):
+    images, masks = write_pair_folders(tmp_path / "data", n=6, size=64, labels=("dark",), seed=4)
+    res = runner.invoke(app, ["train", "--images", str(images), "--masks", str(masks), "--preset", "tiny",
+                              "--out", str(tmp_path / "a"), "--quiet", "--init", str(tmp_path)])
+    assert res.exit_code == 2 and "not a finished pathar-aug run folder" in " ".join(res.output.split())
+    prior = InterleavedPrior(from_preset(PRIOR_PRESETS, "tiny", n_embd=48), 32, 32, (8, 8), 1)
+    with pytest.raises(InitError, match="n_embd"):
+        load_prior_weights(prior, start["run"], ["dark"])
