@@ -21,6 +21,7 @@ reads. ``read_case`` reads a case as nnU-Net does (channels first) for training.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import tempfile
@@ -47,14 +48,19 @@ def _registry():
     return reader_writer_registry
 
 
-def reader_writer_name(dataset_json: Mapping[str, Any]) -> str:
-    """The name of the reader/writer class nnU-Net uses for this dataset; a clear error for one that
-    does not hold 2D cases this module can write."""
+def reader_writer_name(dataset_json: Mapping[str, Any], example_file: Path | None = None) -> str:
+    """The name of the reader/writer class nnU-Net uses for this dataset, chosen as nnU-Net does
+    (with a real case's first image as the example it tries each candidate on: a 2D ``.tif`` is
+    read by NaturalImage2DIO, a one-slice ``.tif`` by Tiff3DIO); a clear error for one that does
+    not hold 2D cases this module can write."""
     ending = dataset_json.get("file_ending")
     if not isinstance(ending, str):
         raise IncompatibleDatasetError("dataset.json has no file_ending")
     try:
-        rw = _registry().determine_reader_writer_from_dataset_json(dict(dataset_json), verbose=False)
+        # nnU-Net prints a traceback for every candidate that cannot read the example: not ours to show
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            rw = _registry().determine_reader_writer_from_dataset_json(
+                dict(dataset_json), str(example_file) if example_file is not None else None, verbose=False)
     except RuntimeError:
         raise IncompatibleDatasetError(f"file_ending is {ending!r}: nnU-Net has no reader for it") from None
     name = rw.__name__
@@ -137,7 +143,15 @@ def dataset_format(dataset_dir: Path, dataset_json: Mapping[str, Any] | None = N
     dataset_dir = Path(dataset_dir)
     dj = dict(dataset_json) if dataset_json is not None else read_dataset_json(dataset_dir)[0]
     problems = []
-    reader = reader_writer_name(dj)
+    manifest = load_manifest(dataset_dir)
+    synthetic = set(manifest.cases) if manifest is not None else set()
+    try:
+        cases = {k: v for k, v in list_cases(dataset_dir, dj).items() if k not in synthetic}
+    except (FileNotFoundError, KeyError):
+        cases = {}
+    real = [cases[k] for k in sorted(cases)][:_RANGE_CASES]
+    example = dataset_dir / real[0]["images"][0] if real and real[0]["images"] else None
+    reader = reader_writer_name(dj, example if example is not None and example.is_file() else None)
     channels = dj.get("channel_names", dj.get("modality"))
     n_channels = len(channels) if isinstance(channels, Mapping) else 0
     if not 1 <= n_channels <= 3:
@@ -152,13 +166,6 @@ def dataset_format(dataset_dir: Path, dataset_json: Mapping[str, Any] | None = N
         raise IncompatibleDatasetError("dataset.json does not match the cases to write: " + "; ".join(problems))
     fmt = DatasetFormat(dj["file_ending"], reader, n_channels, default_file_channels(reader, n_channels),
                         labels=dict(labels))
-    manifest = load_manifest(dataset_dir)
-    synthetic = set(manifest.cases) if manifest is not None else set()
-    try:
-        cases = {k: v for k, v in list_cases(dataset_dir, dj).items() if k not in synthetic}
-    except FileNotFoundError:
-        cases = {}
-    real = [cases[k] for k in sorted(cases)][:_RANGE_CASES]
     if not real:
         return fmt
     first = real[0]
@@ -235,18 +242,25 @@ def to_channels(image: np.ndarray, fmt: DatasetFormat, convert: str | None) -> n
 # ----------------------------------------------------------------------------- writing
 
 
-def _png(array: np.ndarray) -> bytes:
-    from PIL import Image
-
+def _natural(array: np.ndarray, ending: str) -> bytes:
+    """A 2D gray or RGB file as NaturalImage2DIO reads it: PNG, BMP, or a plain 2D TIFF."""
+    array = np.ascontiguousarray(array)
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG")
+    if ending.lower() == ".tif":
+        import tifffile
+
+        tifffile.imwrite(buf, array, photometric="rgb" if array.ndim == 3 else "minisblack")
+    else:
+        from PIL import Image
+
+        Image.fromarray(array).save(buf, format="BMP" if ending.lower() == ".bmp" else "PNG")
     return buf.getvalue()
 
 
 def _write_image(path: Path, plane: np.ndarray, fmt: DatasetFormat) -> None:
     """One image file: ``plane`` is H x W (one channel) or H x W x C (PNG with several channels)."""
     if fmt.reader == NATURAL:
-        path.write_bytes(_png(plane))
+        path.write_bytes(_natural(plane, fmt.file_ending))
     elif fmt.reader == TIFF:
         import tifffile
 
@@ -266,7 +280,7 @@ def _write_image(path: Path, plane: np.ndarray, fmt: DatasetFormat) -> None:
 def _write_label(path: Path, mask: np.ndarray, fmt: DatasetFormat) -> None:
     rw = _reader_writer(fmt.reader)
     if fmt.reader == NATURAL:
-        path.write_bytes(_png(mask.astype(np.uint8)))  # what write_seg writes, without skimage's variations
+        path.write_bytes(_natural(mask.astype(np.uint8), fmt.file_ending))  # what write_seg writes
     elif fmt.reader == TIFF:
         rw.write_seg(mask[None], str(path), {"spacing": fmt.spacing or [999.0, 1.0, 1.0]})
     else:
