@@ -9,11 +9,11 @@ from typing import Iterator
 import torch
 
 from nnunet_integration.cases import IncompatibleDatasetError, committed_ids, read_dataset_json
-from nnunet_integration.formats import dataset_format, source_channels_fit
 from nnunet_integration.dataset import SyntheticCasesPresent, write_chunks, write_real_cases
+from nnunet_integration.formats import NATURAL, DatasetFormat, dataset_format, source_channels_fit
 from nnunet_integration.manifest import SYNTHETIC_PREFIX, load_manifest, settings_batch_tag
 from nnunet_integration.names import case_part
-from nnunet_integration.paths import DatasetResolutionError, preprocessed_dir, resolve_dataset
+from nnunet_integration.paths import FILE_ENDING, DatasetResolutionError, preprocessed_dir, resolve_dataset
 from nnunet_integration.splits import real_and_synthetic, update_splits
 from pathar_aug import distributed
 from pathar_aug.ingest import IngestError, Sample, load_pairs
@@ -105,10 +105,13 @@ def _check_target(into: str, nnunet_raw: Path | None, source_channels: int = 3, 
     try:
         dataset = resolve_dataset(into, nnunet_raw, create=False)
     except DatasetResolutionError:
-        if channels == "gray":  # a dataset this tool creates holds RGB PNGs
-            raise IncompatibleDatasetError("--channels gray: the new dataset would hold RGB PNGs; create a "
-                                           "1-channel dataset.json first") from None
-        return  # absent: resolve_dataset(create=True) makes it, or raises before writing anything
+        # absent: resolve_dataset(create=True) makes an RGB PNG dataset, or raises before writing anything
+        try:
+            source_channels_fit(DatasetFormat(FILE_ENDING, NATURAL, 3, (3,)), source_channels, channels)
+        except IncompatibleDatasetError as exc:
+            raise IncompatibleDatasetError(f"{into}: a new dataset holds RGB PNGs: {exc} (or create a dataset.json "
+                                           "for another channel count first)") from None
+        return
     source_channels_fit(dataset_format(dataset, read_dataset_json(dataset)[0]), source_channels, channels)
 
 

@@ -128,6 +128,10 @@ def test_one_channel_dataset_train_and_synthesize(nnunet_dirs, tmp_path, one_thr
     assert res.exit_code == 0, res.output
     if kind == "tif":  # once is enough: nnU-Net accepts the converted cases
         check_written(rgb, dataset_id + 10, before)
+        # a new dataset holds RGB PNGs: a gray generator needs --channels rgb there too, and nothing is created
+        res = synthesize(tmp_path / "run", "Dataset599_New")
+        assert res.exit_code == 2 and "--channels rgb" in " ".join(res.output.split()), res.output
+        assert not (nnunet_dirs["raw"] / "Dataset599_New").exists()
 
 
 def test_rgb_png_dataset_train_and_synthesize(nnunet_dirs, tmp_path, one_thread):
