@@ -78,7 +78,8 @@ def synthetic_cases(dataset_dir: Path) -> list[str]:
 
 
 def check_compatible(dataset_json: Mapping[str, Any]) -> None:
-    """Refuse datasets whose dataset.json would not read the 3-channel PNG cases written here."""
+    """Refuse datasets whose dataset.json would not read 3-channel RGB PNG cases (the layout of a
+    dataset this tool creates). Writing checks a dataset's own format: ``formats.dataset_format``."""
     problems = []
     if dataset_json.get("file_ending") != FILE_ENDING:
         problems.append(f"file_ending is {dataset_json.get('file_ending')!r}, cases are written as {FILE_ENDING!r}")

@@ -12,7 +12,7 @@ from nnunet_integration.atomic import (
     tmp_path_for,
     unlink_if_present,
 )
-from nnunet_integration.dataset import read_dataset_json, remove_case_files, write_listing
+from nnunet_integration.dataset import entry_files, read_dataset_json, remove_case_files, write_listing
 from nnunet_integration.manifest import SYNTHETIC_PREFIX, load_manifest, manifest_path
 from nnunet_integration.paths import preprocessed_dir
 from nnunet_integration.splits import SPLITS_NAME
@@ -72,7 +72,7 @@ def clean_synthetic(dataset_dir: Path, nnunet_preprocessed: Path | str | None = 
             write_listing(dataset_dir, dj)
         # 2. their files (and any half-written temporaries)
         for name in sorted(names):
-            report.removed_files += remove_case_files(dataset_dir, name)
+            report.removed_files += remove_case_files(dataset_dir, name, entry_files(name, manifest.cases[name]))
         report.removed_cases = sorted(names)
         # 3. dataset.json exactly as it was (its plain imagesTr scan now finds only real cases)
         atomic_write_bytes(dataset_dir / "dataset.json", manifest.original_dataset_json.encode("utf-8"))

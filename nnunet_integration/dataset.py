@@ -5,9 +5,11 @@ Every write into a dataset goes through this module under one lock (``atomic.exc
 the manifest) and ``write_chunks`` (synthetic pairs made chunk by chunk, finished chunks skipped).
 Reading and checks live in ``cases``.
 
-Layout (what ``nnunetv2.imageio.natural_image_reader_writer.NaturalImage2DIO`` reads for 2D RGB):
-``imagesTr/<case>_0000.png`` one 8-bit RGB file holding the 3 channels, ``labelsTr/<case>.png``
-one 8-bit single-channel file with values 0 (background) and 1 (nucleus).
+Layout: the dataset's own (``formats.dataset_format``): its file ending and reader/writer, its
+channels (one RGB PNG, or one file per channel), the pixel type, intensity range and geometry of its
+real cases, labels 0 (background) and 1 (nucleus). A dataset this tool creates holds
+``imagesTr/<case>_0000.png`` (one 8-bit RGB file) and ``labelsTr/<case>.png``. Each synthetic case's
+files are listed in its manifest entry.
 
 Why dataset.json gets a ``dataset`` listing: nnU-Net counts the cases of a plain dataset by
 scanning imagesTr and requires that count to equal ``numTraining``. Adding a file and changing
@@ -56,6 +58,7 @@ from nnunet_integration.cases import (  # noqa: F401 - re-exported: the reading 
     real_cases,
     synthetic_cases,
 )
+from nnunet_integration.formats import dataset_format, encode_case, source_channels_fit
 from nnunet_integration.manifest import (
     CASE_CONDITION,
     CASE_SCORES,
@@ -96,19 +99,33 @@ def write_listing(dataset_dir: Path, dj: dict[str, Any]) -> None:
     atomic_write_json(Path(dataset_dir) / "dataset.json", dj)
 
 
-def _commit(dataset_dir: Path, dj: dict[str, Any], names: list[str]) -> None:
+def _listing_entry(files: Sequence[str]) -> dict[str, Any]:
+    """dataset.json's ``dataset`` entry of a case from its files (images end in ``_XXXX<ending>``)."""
+    label = next(f for f in files if f.startswith("labelsTr/") and not f.endswith(".json"))
+    return {"images": [f for f in files if f.startswith("imagesTr/") and not f.endswith(".json")], "label": label}
+
+
+def entry_files(name: str, entry: Mapping[str, Any] | None) -> list[str]:
+    """The files of a synthetic case: listed in its manifest entry (entries of older versions name
+    one image and one label in the RGB PNG layout)."""
+    if entry is not None and "files" in entry:
+        return list(entry["files"])
+    return list(case_files(name))
+
+
+def _commit(dataset_dir: Path, dj: dict[str, Any], names: list[str], manifest: Manifest) -> None:
     """Make ``names`` part of the dataset: the single rename that turns them into cases."""
     fsync_dir(dataset_dir / "imagesTr")  # the links must be durable before the listing names them
     fsync_dir(dataset_dir / "labelsTr")
     for name in names:
-        image, label = case_files(name)
-        dj["dataset"][name] = {"images": [image], "label": label}
+        dj["dataset"][name] = _listing_entry(entry_files(name, manifest.cases.get(name)))
     write_listing(dataset_dir, dj)
 
 
-def remove_case_files(dataset_dir: Path, name: str) -> int:
+def remove_case_files(dataset_dir: Path, name: str, files: Sequence[str] | None = None) -> int:
+    """Delete a case's files (``files``, default the RGB PNG layout) and their temporaries."""
     removed = 0
-    for rel in case_files(name):
+    for rel in (files if files is not None else case_files(name)):
         path = dataset_dir / rel
         removed += unlink_if_present(tmp_path_for(path)) + unlink_if_present(path)
     return removed
@@ -119,7 +136,8 @@ def _recover(dataset_dir: Path, manifest: Manifest, dj: dict[str, Any]) -> tuple
     listed = dj.get("dataset", {})
     finished, removed, to_commit = [], [], []
     for name in manifest.names(PENDING):
-        files = [dataset_dir / rel for rel in case_files(name)]
+        rels = entry_files(name, manifest.cases[name])
+        files = [dataset_dir / rel for rel in rels]
         for f in files:
             unlink_if_present(tmp_path_for(f))
         if name in listed:  # killed after the dataset.json commit, before the manifest update
@@ -128,10 +146,10 @@ def _recover(dataset_dir: Path, manifest: Manifest, dj: dict[str, Any]) -> tuple
         elif "dataset" in dj and all(f.is_file() for f in files):  # both files published completely
             to_commit.append(name)
         else:
-            remove_case_files(dataset_dir, name)
+            remove_case_files(dataset_dir, name, rels)
             removed.append(name)
     if to_commit:
-        _commit(dataset_dir, dj, to_commit)
+        _commit(dataset_dir, dj, to_commit, manifest)
         for name in to_commit:
             manifest.cases[name]["state"] = COMMITTED
         finished += to_commit
@@ -192,21 +210,25 @@ def write_cases(
     batch: str | None = None,
     commit_every: int = 32,
     labels: Mapping[str, str] | None = None,
+    source_channels: int = 3,
+    convert: str | None = None,
 ) -> WriteReport:
     """Add synthetic ``(case_id, image uint8 HxWx3, mask HxW)`` pairs to an nnU-Net raw dataset.
 
     A case may carry a fourth element, a dict of its quality scores, kept in its manifest entry;
     ``labels`` (case id -> condition label) are kept there too.
 
-    Files follow ``NaturalImage2DIO``'s 2D layout (see module docstring); each case is stored as
-    ``pathar_<batch>_<case_id>``. ``settings`` (model, checkpoint, sampling ...) is recorded per
+    Files follow the dataset's own format (see module docstring); each case is stored as
+    ``pathar_<batch>_<case_id>``. ``source_channels`` says what the images hold (1: gray, replicated
+    over R, G, B; 2: the first two channels; 3: RGB); it must match the dataset's channel count
+    unless ``convert`` ('gray' or 'rgb') asks for a conversion. ``settings`` (model, checkpoint, sampling ...) is recorded per
     batch; the default batch tag is a hash of it, so rerunning the same command resumes: cases it
     already committed are skipped. Real cases are never touched; a name that exists already is
     refused, and so is a dataset whose real cases use the reserved ``pathar_`` prefix (their names
     could be mistaken for synthetic ones). Cases are committed to dataset.json in chunks of
     ``commit_every`` (more for large datasets, at most 256); a case that fails validation stops
     the call before its chunk is written. Nothing is written if dataset.json is incompatible (file
-    ending, 3 channels, labels 0/1). An interrupted call leaves ``pending`` leftovers that nnU-Net
+    ending without a 2D reader/writer, channels that do not fit, labels without 0/1). An interrupted call leaves ``pending`` leftovers that nnU-Net
     does not see; the next call (or ``recover``/``clean_synthetic``) settles them.
     """
     dataset_dir = Path(dataset_dir)
@@ -217,7 +239,8 @@ def write_cases(
 
     with exclusive_dir_lock(dataset_dir, "writing"):
         dj, text = read_dataset_json(dataset_dir)
-        check_compatible(dj)
+        fmt = dataset_format(dataset_dir, dj)
+        source_channels_fit(fmt, source_channels, convert)
         manifest = load_manifest(dataset_dir)
         if manifest is None:
             current = list_cases(dataset_dir, dj)
@@ -269,13 +292,13 @@ def write_cases(
             elif name in known:
                 raise FileExistsError(f"case {name} already exists in {dataset_dir} and is not synthetic")
             else:
-                for rel in case_files(name):
+                for rel in fmt.files(name):
                     if (dataset_dir / rel).exists():
                         raise FileExistsError(f"{dataset_dir / rel} exists and is not ours; refusing to overwrite")
                 image, mask = prepare_pair(name, image, mask)
-                # only the encoded PNGs are kept until the commit, not the arrays
+                # only the encoded files are kept until the commit, not the arrays
                 label = labels.get(case_id) if labels is not None else None
-                staged.append((name, png_bytes(image), png_bytes(mask), scores, label))
+                staged.append((name, encode_case(name, image, mask, fmt, convert), scores, label))
                 if len(staged) >= _chunk_size(commit_every, len(known)):
                     flush()
         flush()
@@ -289,32 +312,34 @@ def _chunk_size(commit_every: int, num_cases: int) -> int:
     return max(commit_every, min(256, num_cases // 32))
 
 
-# a case ready to be written: (name, image PNG, label PNG, scores or None, condition label or None)
-_Staged = tuple[str, bytes, bytes, "Mapping[str, Any] | None", "str | None"]
+# a case ready to be written: (name, its files [(relative path, content)] in publishing order,
+# scores or None, condition label or None)
+_Staged = tuple[str, "list[tuple[str, bytes]]", "Mapping[str, Any] | None", "str | None"]
 
 
 def _write_chunk(dataset_dir: Path, manifest: Manifest, dj: dict[str, Any], batch: str, staged: list[_Staged]) -> None:
-    for name, _, _, scores, condition in staged:  # 1. registered before any of its files exists
-        image, label = case_files(name)
-        manifest.cases[name] = {"batch": batch, "state": PENDING, "image": image, "label": label}
+    for name, files, scores, condition in staged:  # 1. registered before any of its files exists
+        listing = _listing_entry([rel for rel, _ in files])
+        manifest.cases[name] = {"batch": batch, "state": PENDING, "image": listing["images"][0],
+                                "label": listing["label"], "files": [rel for rel, _ in files]}
         if condition is not None:
             manifest.cases[name][CASE_CONDITION] = condition
         if scores is not None:
             manifest.cases[name][CASE_SCORES] = json_safe(scores)
     save_manifest(dataset_dir, manifest)
-    for name, image_png, label_png, *_ in staged:  # 2. label first: an image never lacks its label
-        _publish_pair(dataset_dir, name, image_png, label_png)
-    _commit(dataset_dir, dj, [s[0] for s in staged])  # 3. the commit point
+    for _, files, *_ in staged:  # 2. label first: an image never lacks its label
+        _publish_case(dataset_dir, files)
+    _commit(dataset_dir, dj, [s[0] for s in staged], manifest)  # 3. the commit point
     for name, *_ in staged:  # 4.
         manifest.cases[name]["state"] = COMMITTED
     save_manifest(dataset_dir, manifest)
 
 
-def _publish_pair(dataset_dir: Path, name: str, image_png: bytes, label_png: bytes) -> list[Path]:
-    """Label first, then image, each linked into place without replacing anything; returns both paths."""
-    image, label = case_files(name)
+def _publish_case(dataset_dir: Path, files: Sequence[tuple[str, bytes]]) -> list[Path]:
+    """A case's files in order (spacing files and label first, then images), each linked into place
+    without replacing anything; returns their paths."""
     published = []
-    for rel, data in ((label, label_png), (image, image_png)):
+    for rel, data in files:
         final = dataset_dir / rel
         publish_no_clobber(write_tmp(final, data), final)
         published.append(final)
@@ -331,6 +356,8 @@ def write_chunks(
     labels: Mapping[str, str] | None = None,
     on_chunk: Callable[[int], None] | None = None,
     on_start: Callable[[], None] | None = None,
+    source_channels: int = 3,
+    convert: str | None = None,
 ) -> WriteReport:
     """``write_cases`` for pairs made chunk by chunk: ``chunks`` lists each chunk's case ids and
     ``make_chunk(c)`` makes chunk ``c``'s cases. A chunk whose every case is already committed in
@@ -349,7 +376,7 @@ def write_chunks(
                 on_chunk(len(ids))
 
     return write_cases(dataset_dir, cases(), settings=settings, batch=batch, commit_every=commit_every,
-                       labels=labels)
+                       labels=labels, source_channels=source_channels, convert=convert)
 
 
 class SyntheticCasesPresent(IncompatibleDatasetError):
@@ -366,10 +393,13 @@ def write_real_cases(
     labels: Mapping[str, str] | None = None,
     resume: bool = False,
     sources: Mapping[str, Any] | None = None,
+    source_channels: int = 3,
+    convert: str | None = None,
 ) -> list[str]:
     """Write real ``(name, image uint8 HxWx3, mask HxW)`` pairs as plain cases; returns the names written.
 
-    Every pair is checked before a file is written, and no file is ever replaced: a case whose
+    Files follow the dataset's format, as in ``write_cases`` (``source_channels``, ``convert``: see
+    there). Every pair is checked before a file is written, and no file is ever replaced: a case whose
     name or files exist already is an error (``sources``, name -> where the pair came from, is
     named in it). With ``resume`` the cases the dataset lists already are skipped, and the files
     of a case it does not list yet (left by a killed call) are written again. Real cases come
@@ -382,34 +412,35 @@ def write_real_cases(
     sources = sources or {}
     with exclusive_dir_lock(dataset_dir, "writing"):
         dj, _ = read_dataset_json(dataset_dir)
-        check_compatible(dj)
+        fmt = dataset_format(dataset_dir, dj)
+        source_channels_fit(fmt, source_channels, convert)
         listed = set(list_cases(dataset_dir, dj))
         todo = [c for c in cases if c[0] not in listed] if resume else list(cases)
         if todo or not resume:
             if load_manifest(dataset_dir) is not None:
                 raise SyntheticCasesPresent(dataset_dir, [c[0] for c in todo])
             for name, *_ in todo:
-                if name in listed or (not resume and any((dataset_dir / rel).exists() for rel in case_files(name))):
+                if name in listed or (not resume and any((dataset_dir / rel).exists() for rel in fmt.files(name))):
                     where = f"{sources[name]}: " if name in sources else ""
                     raise FileExistsError(f"{where}case '{name}' already exists in {dataset_dir}; nothing was written")
-            prepared = [(name, *prepare_pair(name, image, mask)) for name, image, mask in todo]
+            prepared = [(name, encode_case(name, *prepare_pair(name, image, mask), fmt, convert))
+                        for name, image, mask in todo]
             published: list[Path] = []
             try:
-                for name, image, mask in prepared:
+                for name, files in prepared:
                     if resume:  # leftovers of a killed call: never listed, so never read
-                        remove_case_files(dataset_dir, name)
-                    published += _publish_pair(dataset_dir, name, png_bytes(image), png_bytes(mask))
+                        remove_case_files(dataset_dir, name, fmt.files(name))
+                    published += _publish_case(dataset_dir, files)
             except BaseException:  # a full disk or a kill signal: take back what this call wrote
                 for path in published:
                     unlink_if_present(path)
                 for name, *_ in prepared:
-                    for rel in case_files(name):
+                    for rel in fmt.files(name):
                         unlink_if_present(tmp_path_for(dataset_dir / rel))
                 raise
             if "dataset" in dj:
                 for name, *_ in prepared:
-                    image_rel, label_rel = case_files(name)
-                    dj["dataset"][name] = {"images": [image_rel], "label": label_rel}
+                    dj["dataset"][name] = _listing_entry(fmt.files(name))
             dj["numTraining"] = len(list_cases(dataset_dir, dj))
             atomic_write_json(dataset_dir / "dataset.json", dj)
         if labels:

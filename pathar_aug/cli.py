@@ -134,6 +134,8 @@ def train(
     images: Optional[Path] = typer.Option(None, help="Folder of images (PNG/TIFF/JPEG; subfolders = labels). Not needed with --resume."),
     masks: Optional[Path] = typer.Option(None, help="Folder of masks with the same file stems (binary or instance ids). Not needed with --resume."),
     labels: Optional[Path] = typer.Option(None, help="CSV 'name,label' giving each image's condition label."),
+    dataset: Optional[str] = typer.Option(None, help="Train on an nnU-Net v2 raw dataset instead of --images/--masks: id (500), name (Dataset500_Name) or path. Its real cases are read with nnU-Net's own reader for its file_ending (.png, .tif, .nii.gz/.nrrd/.mha); 1 channel is gray, 3 channels are R, G, B in channel_names order, 2 fill R and G; 16-bit and float data are stretched per image to 8 bit."),
+    nnunet_raw: Optional[Path] = typer.Option(None, help="nnU-Net raw folder for --dataset (default $nnUNet_raw)."),
     preset: Preset = typer.Option(Preset.cpu, help="tiny: tests; cpu: a 2-core machine; paper: the paper's setting (GPU)."),
     out: Path = typer.Option(Path("runs/pathar"), help="Run folder: config, checkpoints, loss logs, previews."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ..."),
@@ -148,7 +150,7 @@ def train(
     init: Optional[Path] = typer.Option(None, help="Start both stages from a finished run of the same preset: its tokenizer (see --init-tokenizer) and its prior, labels matched by name (a new label starts from the mean of the known ones)."),
     init_tokenizer: InitMode = typer.Option(InitMode.finetune, help="With --init: fine-tune the starting run's tokenizer for --tokenizer-steps, or freeze it as it is."),
 ) -> None:
-    """Train the generator (tokenizer, then prior) on your image and mask folders.
+    """Train the generator (tokenizer, then prior) on your image and mask folders, or on an nnU-Net dataset.
 
     Everything lands in one run folder; an interrupted run continues with --resume. Patches are
     cut from your images at the preset's patch size (128 px for cpu, 256 px for paper); source
@@ -161,17 +163,27 @@ def train(
     from pathar_aug import distributed
     from pathar_aug.pipeline import make_settings, train_run
 
-    if images is None or masks is None:  # a resume finds its settings in the run folder
+    dataset_dir = None
+    if dataset is not None:
+        from nnunet_integration.paths import resolve_dataset
+
+        if images is not None or masks is not None or labels is not None:
+            raise ValueError("give either --dataset or --images/--masks (and --labels), not both")
+        dataset_dir = resolve_dataset(dataset, nnunet_raw, create=False)
+    if dataset_dir is None and (images is None or masks is None):  # a resume finds its settings in the run folder
         if not resume:
-            raise ValueError("--images and --masks are needed to start a run (--resume continues one from --out alone)")
+            raise ValueError("--images and --masks (or --dataset) are needed to start a run "
+                             "(--resume continues one from --out alone)")
         settings = None
     else:
         settings = make_settings(images, masks, labels, preset.value,
                                  {"steps": tokenizer_steps, "batch_size": batch_size},
                                  {"steps": prior_steps, "batch_size": batch_size}, val_fraction, seed,
-                                 init=init, init_tokenizer=init_tokenizer.value)
+                                 dataset=dataset_dir, init=init, init_tokenizer=init_tokenizer.value)
     given = _typed_options(ctx, ("images", "masks", "labels", "preset", "tokenizer_steps", "prior_steps", "batch_size",
-                            "val_fraction", "seed", "init", "init_tokenizer")) if resume else None
+                            "val_fraction", "seed", "dataset", "init", "init_tokenizer")) if resume else None
+    if given and "dataset" in given:
+        given["dataset"] = str(dataset_dir)
     train_run(out, settings, _rank_device(device), resume=resume, given=given, reporter=_reporter(quiet),
               compile=compile)
     distributed.shutdown()
@@ -202,9 +214,15 @@ def synthesize(
     quality_filter: bool = typer.Option(True, "--filter/--no-filter", help="Keep only pairs whose image and mask agree (see below); --no-filter writes every sampled pair."),
     oversample: float = typer.Option(3.0, help="Filter: candidates drawn per requested pair, 1 to 10 (sampling time grows with it)."),
     min_agreement: Optional[float] = typer.Option(None, help="Filter: minimum image-mask Dice for every label (default: per label, the 10th percentile of real held-out tiles)."),
+    channels: Optional[str] = typer.Option(None, help="Convert the generator's images for a dataset with other channels: gray (RGB -> 1 channel, luminance) or rgb (gray -> 3 channels). Without it a mismatch is refused."),
     compile: bool = COMPILE_OPTION,
 ) -> None:
     """Add synthetic pairs to an nnU-Net v2 raw dataset (imagesTr/labelsTr, dataset.json).
+
+    Cases are written in the dataset's own format: its file_ending and nnU-Net reader/writer
+    (.png; .tif with its spacing .json; .nii.gz, .nrrd, .mha), its channels (one RGB PNG, or one
+    file per channel, _0000, _0001 ...), the pixel type and intensity range of its real cases, their
+    spacing (and origin, direction) where the format stores one, and label ids 0 / 1.
 
     Cases are named pathar_<tag>_<label>_<i>, a prefix real cases may not use, and are listed in
     pathar_aug_manifest.json with the settings that made them. dataset.json is updated atomically;
@@ -243,7 +261,7 @@ def synthesize(
                              sampling=dataclasses.replace(sampling, compile=compile), device=_rank_device(device),
                              nnunet_raw=nnunet_raw, nnunet_preprocessed=nnunet_preprocessed,
                              quality_filter=quality_filter, oversample=oversample, min_agreement=min_agreement,
-                             reporter=reporter)
+                             channels=channels, reporter=reporter)
     distributed.shutdown()
     for line in acceptance_lines(result) if distributed.main_process() else ():
         reporter.log(line)

@@ -406,3 +406,63 @@ def load_pairs(
         samples.append(Sample(stem, image, mask, labels[stem], img_path, mask_path))
     _check_mask_content(samples, Path(masks_dir))
     return samples
+
+
+# ----------------------------------------------------------------------------- nnU-Net datasets
+
+
+def dataset_image_to_rgb(image: np.ndarray, stored_dtype: str, path: Path) -> np.ndarray:
+    """A case's ``C x H x W`` channels (as nnU-Net reads them) as the tool's ``H x W x 3`` uint8:
+    1 channel is gray (replicated over R, G, B), 2 channels fill R and G (B stays 0), 3 channels are
+    R, G, B in channel_names order; more than 3 are refused. 8-bit data is kept as it is, other
+    pixel types are stretched per image over all channels together (0.1-99.9th percentile)."""
+    c = image.shape[0]
+    if c > 3:
+        raise IngestError(f"{path}: the dataset has {c} channels; the generator makes gray, 2-channel or RGB images")
+    hwc = np.moveaxis(image, 0, -1)
+    if stored_dtype == "uint8":
+        hwc = np.clip(np.rint(hwc), 0, 255).astype(np.uint8)
+    else:
+        _check_finite(hwc, path)
+        hwc = _to_uint8(hwc.astype(np.float64), path)
+    if c == 1:
+        return np.ascontiguousarray(np.repeat(hwc, 3, axis=-1))
+    if c == 2:
+        return np.ascontiguousarray(np.concatenate([hwc, np.zeros_like(hwc[..., :1])], axis=-1))
+    return np.ascontiguousarray(hwc)
+
+
+def load_dataset_pairs(dataset_dir: str | Path, default_label: str = DEFAULT_LABEL) -> list[Sample]:
+    """The real cases of an nnU-Net v2 raw dataset as samples, read through nnU-Net's own
+    reader/writer for its file ending (synthetic cases this tool added are left out).
+
+    Condition labels: those recorded when the cases were imported by this tool, else one default.
+    Masks keep the dataset's label ids (any nonzero id is foreground for the binary generator)."""
+    from nnunet_integration.cases import IncompatibleDatasetError
+    from nnunet_integration.formats import read_real_cases
+    from nnunet_integration.manifest import load_labels
+
+    dataset_dir = Path(dataset_dir)
+    try:
+        cases, fmt = read_real_cases(dataset_dir)
+    except (IncompatibleDatasetError, FileNotFoundError) as exc:
+        raise IngestError(str(exc)) from None
+    recorded = load_labels(dataset_dir)
+    samples = []
+    for case in cases:
+        image = dataset_image_to_rgb(case.image, fmt.dtype, case.image_paths[0])
+        mask = case.seg
+        if mask.min() < 0:
+            raise IngestError(f"{case.label_path}: label has negative values")
+        samples.append(Sample(case.name, image, mask, recorded.get(case.name, default_label),
+                              case.image_paths[0], case.label_path))
+    _check_mask_content(samples, dataset_dir / "labelsTr")
+    return samples
+
+
+def image_channels(samples: list[Sample]) -> int:
+    """What the samples' images hold: 1 (gray: R = G = B everywhere), 2 (B empty) or 3 (RGB)."""
+    if all(np.array_equal(s.image[..., 0], s.image[..., 1]) and np.array_equal(s.image[..., 0], s.image[..., 2])
+           for s in samples):
+        return 1
+    return 3

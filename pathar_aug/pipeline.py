@@ -26,7 +26,16 @@ import torch
 from pathar_aug import distributed
 from pathar_aug.config import from_dict, from_preset, save_json, to_dict
 from pathar_aug.device import autocast
-from pathar_aug.ingest import MASK_SUFFIXES, IngestError, find_files, load_pairs, read_mask
+from pathar_aug.ingest import (
+    MASK_SUFFIXES,
+    IngestError,
+    Sample,
+    find_files,
+    image_channels,
+    load_dataset_pairs,
+    load_pairs,
+    read_mask,
+)
 from pathar_aug.patches import PatchSet, make_patches, split_by_image, tile_starts
 from pathar_aug.preview import save_grid, to_rgb_tiles
 from pathar_aug.prior import PRIOR_PRESETS, InterleavedPrior, PriorConfig
@@ -58,6 +67,7 @@ class RunSettings:
     prior: PriorConfig
     val_fraction: float = 0.1
     seed: int = 0
+    dataset: str | None = None  # an nnU-Net raw dataset read instead of images / masks folders
     init: str | None = None  # a finished run both stages start from (init_from)
     init_tokenizer: str = "finetune"  # with init: "finetune" or "freeze" its tokenizer
 
@@ -98,6 +108,11 @@ class RunInfo:
         return self.data["label_names"]
 
     @property
+    def image_channels(self) -> int:
+        """What the generator's images hold: 1 gray, 2 channels, 3 RGB (runs of older versions: 3)."""
+        return int(self.data.get("image_channels", 3))
+
+    @property
     def heldout_sources(self) -> list[str]:
         return self.data.get("heldout_sources", [])
 
@@ -105,17 +120,24 @@ class RunInfo:
         save_json({"settings": self.settings.to_json(), "data": self.data}, self.run_dir / RUN_FILE)
 
 
-def make_settings(images: Path, masks: Path, labels_csv: Path | None, preset: str,
+def make_settings(images: Path | None, masks: Path | None, labels_csv: Path | None, preset: str,
                   tokenizer_overrides: dict | None = None, prior_overrides: dict | None = None,
-                  val_fraction: float = 0.1, seed: int = 0, init: Path | None = None,
+                  val_fraction: float = 0.1, seed: int = 0, dataset: Path | None = None, init: Path | None = None,
                   init_tokenizer: str = "finetune") -> RunSettings:
+    """A run's settings; ``dataset`` (an nnU-Net raw dataset folder) replaces ``images``/``masks``;
+    ``init`` names a finished run both stages start from."""
     from pathar_aug.init_from import TOKENIZER_MODES
 
+    if dataset is not None:
+        images, masks = Path(dataset) / "imagesTr", Path(dataset) / "labelsTr"
+    if images is None or masks is None:
+        raise ValueError("give --images and --masks, or --dataset")
     if init_tokenizer not in TOKENIZER_MODES:
         raise ValueError(f"--init-tokenizer must be one of {', '.join(TOKENIZER_MODES)}, got {init_tokenizer!r}")
     if init is not None and not (Path(init) / RUN_FILE).is_file():
         raise RunError(f"--init {init}: not a finished pathar-aug run folder (no {RUN_FILE})")
     return RunSettings(
+        dataset=str(Path(dataset).resolve()) if dataset is not None else None,
         images=str(Path(images).resolve()), masks=str(Path(masks).resolve()),
         labels_csv=str(Path(labels_csv).resolve()) if labels_csv else None, preset=preset,
         tokenizer=from_preset(TOKENIZER_PRESETS, preset, **(tokenizer_overrides or {})),
@@ -143,8 +165,24 @@ _RESUME_OPTIONS = {
     "preset": lambda s: s.preset, "tokenizer_steps": lambda s: s.tokenizer.steps,
     "batch_size": lambda s: s.tokenizer.batch_size if s.tokenizer.batch_size == s.prior.batch_size else None,
     "val_fraction": lambda s: s.val_fraction, "seed": lambda s: s.seed, "prior_steps": lambda s: s.prior.steps,
-    "init": lambda s: s.init, "init_tokenizer": lambda s: s.init_tokenizer,
+    "dataset": lambda s: s.dataset, "init": lambda s: s.init, "init_tokenizer": lambda s: s.init_tokenizer,
 }
+
+
+def load_run_samples(settings: RunSettings) -> list[Sample]:
+    """The real pairs a run trains on: its nnU-Net dataset's real cases, else its folders."""
+    if settings.dataset is not None:
+        return load_dataset_pairs(settings.dataset)
+    return load_pairs(settings.images, settings.masks, settings.labels_csv)
+
+
+def _data_channels(settings: RunSettings, samples: list[Sample]) -> int:
+    if settings.dataset is not None:
+        from nnunet_integration.cases import read_dataset_json
+
+        dj = read_dataset_json(Path(settings.dataset))[0]
+        return len(dj.get("channel_names", dj.get("modality", {}))) or 3
+    return image_channels(samples)
 
 
 def apply_resume_options(run_dir: Path, stored: RunSettings, given: dict[str, Any],
@@ -159,7 +197,7 @@ def apply_resume_options(run_dir: Path, stored: RunSettings, given: dict[str, An
             raise RunError(f"--{option.replace('_', '-')} cannot be given with --resume")
         if value is None:
             continue
-        if option in ("images", "masks", "labels", "init"):
+        if option in ("images", "masks", "labels", "dataset", "init"):
             value = str(Path(value).resolve())
         if hasattr(value, "value"):  # an Enum such as the preset
             value = value.value
@@ -217,9 +255,9 @@ def prepare_run(run_dir: Path, settings: RunSettings | None, resume: bool, given
                            + (", or pass --images and --masks to start the interrupted run again"
                               if resume and leftovers_only else ""))
     elif settings is None:
-        raise RunError(f"{run_dir} holds no run to resume; start one with --images and --masks")
+        raise RunError(f"{run_dir} holds no run to resume; start one with --images and --masks (or --dataset)")
     check_run_settings(settings)
-    samples = load_pairs(settings.images, settings.masks, settings.labels_csv)  # raises IngestError
+    samples = load_run_samples(settings)  # raises IngestError
     train, val = split_by_image(samples, settings.val_fraction, settings.seed)
     label_names = sorted({s.label for s in samples})
     train_patches = make_patches(train, settings.tokenizer.patch_size, label_names)
@@ -231,7 +269,11 @@ def prepare_run(run_dir: Path, settings: RunSettings | None, resume: bool, given
     save_checkpoint(run_dir / "data" / "patches.pt", train=train_patches, heldout=val_patches)  # temp + rename
     summary = {"label_names": label_names, "train_images": len(train), "heldout_images": len(val),
                "train_patches": len(train_patches), "heldout_patches": len(val_patches) if val_patches else 0,
-               "heldout_sources": sorted({s.name for s in val})}
+               "heldout_sources": sorted({s.name for s in val}), "image_channels": _data_channels(settings, samples)}
+    if settings.dataset is not None:
+        from nnunet_integration.cases import read_dataset_json
+
+        summary["mask_labels"] = read_dataset_json(Path(settings.dataset))[0].get("labels")
     RunInfo(run_dir, settings, summary).save()  # marks the run as created
     pending.unlink()
     return settings

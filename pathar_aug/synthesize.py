@@ -8,15 +8,16 @@ from typing import Iterator
 
 import torch
 
-from nnunet_integration.cases import IncompatibleDatasetError, check_compatible, committed_ids, read_dataset_json
+from nnunet_integration.cases import IncompatibleDatasetError, committed_ids, read_dataset_json
 from nnunet_integration.dataset import SyntheticCasesPresent, write_chunks, write_real_cases
+from nnunet_integration.formats import NATURAL, DatasetFormat, dataset_format, source_channels_fit
 from nnunet_integration.manifest import SYNTHETIC_PREFIX, load_manifest, settings_batch_tag
 from nnunet_integration.names import case_part
-from nnunet_integration.paths import DatasetResolutionError, preprocessed_dir, resolve_dataset
+from nnunet_integration.paths import FILE_ENDING, DatasetResolutionError, preprocessed_dir, resolve_dataset
 from nnunet_integration.splits import real_and_synthetic, update_splits
 from pathar_aug import distributed
 from pathar_aug.ingest import IngestError, Sample, load_pairs
-from pathar_aug.pipeline import Generator, RunError, load_generator, masks_as_patches, train_filter_stage
+from pathar_aug.pipeline import Generator, RunError, RunInfo, load_generator, masks_as_patches, train_filter_stage
 from pathar_aug.reporter import Log, Reporter, reporter_for
 from pathar_aug.sampler import SamplingConfig
 from pathar_aug.validate import check_sampling
@@ -98,13 +99,20 @@ def plan_labels(generator: Generator, n: int, label: str | None, per_label: bool
     return [i % k for i in range(n)]
 
 
-def _check_target(into: str, nnunet_raw: Path | None) -> None:
-    """Fail before anything is written: a raw root must exist, an existing dataset must be compatible."""
+def _check_target(into: str, nnunet_raw: Path | None, source_channels: int = 3, channels: str | None = None) -> None:
+    """Fail before anything is written: a raw root must exist, an existing dataset must take the
+    generator's images (its format, its channels, unless ``channels`` converts them)."""
     try:
         dataset = resolve_dataset(into, nnunet_raw, create=False)
     except DatasetResolutionError:
-        return  # absent: resolve_dataset(create=True) makes it, or raises before writing anything
-    check_compatible(read_dataset_json(dataset)[0])
+        # absent: resolve_dataset(create=True) makes an RGB PNG dataset, or raises before writing anything
+        try:
+            source_channels_fit(DatasetFormat(FILE_ENDING, NATURAL, 3, (3,)), source_channels, channels)
+        except IncompatibleDatasetError as exc:
+            raise IncompatibleDatasetError(f"{into}: a new dataset holds RGB PNGs: {exc} (or create a dataset.json "
+                                           "for another channel count first)") from None
+        return
+    source_channels_fit(dataset_format(dataset, read_dataset_json(dataset)[0]), source_channels, channels)
 
 
 def synthesize_into(
@@ -113,6 +121,7 @@ def synthesize_into(
     device: torch.device = torch.device("cpu"), nnunet_raw: Path | None = None,
     nnunet_preprocessed: Path | None = None, quality_filter: bool = True, oversample: float | None = None,
     min_agreement: float | None = None, log: Log | None = None, reporter: Reporter | None = None,
+    channels: str | None = None,
 ) -> SynthesisResult:
     """Make pairs with a trained run and add them to a raw dataset; returns what was written.
 
@@ -127,6 +136,10 @@ def synthesize_into(
     kept pair's scores go into the manifest. Mask-conditioned pairs (``masks_from``) are scored and
     recorded, never dropped: their masks are the user's. A run without a filter (trained before the
     stage existed) gets it trained here first, once, into its run folder.
+
+    Cases take the dataset's own format (``nnunet_integration.formats``); a generator of gray images
+    into a 3-channel dataset, or of RGB images into a 1-channel one, is refused unless ``channels``
+    ('rgb' or 'gray') asks for the conversion.
 
     Under torchrun (``distributed``) every rank calls this with the same arguments: the chunks are
     shared out over the ranks and rank 0 alone writes the dataset (``sharded``); the pairs are the
@@ -159,8 +172,9 @@ def synthesize_into(
         tiles, _ = masks_as_patches(masks_from, generator.patch_size)
         structure_masks = tiles[:n]
         labels = [labels[0]] * len(structure_masks)
+    source_channels = RunInfo.load(model).image_channels
     if main:
-        _check_target(into, nnunet_raw)
+        _check_target(into, nnunet_raw, source_channels, channels)
     quality = None
     if quality_filter:
         if main and not filter_complete(model):
@@ -179,6 +193,8 @@ def synthesize_into(
     settings = {"model": str(Path(model).resolve()), "mode": "mask-conditioned" if masks_from else "label-only",
                 "masks_from": str(Path(masks_from).resolve()) if masks_from else None, "n": n, "label": label,
                 "per_label": per_label, "batch_size": batch_size, **drawing}
+    if channels is not None:  # absent without a conversion: earlier batches keep their tags
+        settings["channels"] = channels
     if quality is not None:  # absent without the filter: unfiltered batches keep their earlier tags
         settings["filter"] = {"segmenter": quality.fingerprint, "min_agreement": min_agreement,
                               "oversample": None if masks_from else oversample}
@@ -270,7 +286,8 @@ def synthesize_into(
         report = write_chunks(dataset, chunks, make_chunk,
                               settings=settings, batch=batch, commit_every=batch_size,
                               labels={name: generator.label_names[li] for name, li in zip(names, labels)},
-                              on_chunk=task.advance, on_start=task.start)
+                              on_chunk=task.advance, on_start=task.start,
+                              source_channels=source_channels, convert=channels)
     if distributed.active():
         shards.finish()
     # chunks found complete were not even generated: count this batch's cases in the manifest

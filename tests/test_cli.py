@@ -113,7 +113,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(trained, nnunet_dirs, mon
     dj = {"channel_names": {"0": "R", "1": "G", "2": "B"}, "labels": {"background": 0, "nucleus": 1},
           "numTraining": 0, "file_ending": ".png"}
     if case == "bad_file_ending":
-        dj["file_ending"] = ".nii.gz"
+        dj["file_ending"] = ".jpg"  # lossy: no nnU-Net reader/writer takes it
     if case == "bad_channels":
         dj["channel_names"] = {"0": "gray"}
     (existing / "dataset.json").write_text(json.dumps(dj))

@@ -262,8 +262,9 @@ def test_real_case_with_reserved_prefix_is_refused(nnunet_dirs):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"file_ending": ".tif"}, "file_ending"),
-    ({"channel_names": {"0": "R"}}, "channel_names has 1"),
+    ({"file_ending": ".jpg"}, "file_ending"),  # no 2D reader/writer of nnU-Net takes it
+    ({"file_ending": ".nii.gz", "overwrite_image_reader_writer": "NibabelIO"}, "NibabelIO"),
+    ({"channel_names": {"0": "R"}}, "channel_names has 1"),  # the real cases are RGB
     ({"channel_names": {"0": "R", "1": "G", "2": "B", "3": "A"}}, "channel_names has 4"),
     ({"labels": {"background": 0, "tumour": 2}}, "lack background 0 and nucleus 1"),
     ({"numTraining": 7}, "numTraining=7"),

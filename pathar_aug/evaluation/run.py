@@ -28,7 +28,7 @@ from typing import Mapping, Sequence
 import pandas as pd
 import torch
 
-from ..ingest import Sample, load_pairs
+from ..ingest import Sample, load_dataset_pairs, load_pairs
 from ..pipeline import Generator, RunInfo, load_generator
 from ..reporter import Log, Reporter, reporter_for
 from ..sampler import SamplingConfig
@@ -151,7 +151,10 @@ def _load(model, images, masks, labels_csv, out, n, features, synthetic, config,
             log(f"real images: the folders the model was trained on ({images}, {masks})")
     if images is None or masks is None:
         raise ValueError("give --images and --masks (the real pairs to compare with)")
-    samples = load_pairs(images, masks, labels_csv)  # IngestError: missing folders, unpaired files ...
+    if run is not None and run.settings.dataset is not None and images == Path(run.settings.images):
+        samples = load_dataset_pairs(run.settings.dataset)  # the nnU-Net dataset the model was trained on
+    else:
+        samples = load_pairs(images, masks, labels_csv)  # IngestError: missing folders, unpaired files ...
     real_labels = sorted({s.label for s in samples})
     if generator is not None:
         for label in real_labels:
