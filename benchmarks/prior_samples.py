@@ -21,7 +21,7 @@ import torch
 from benchmarks.common import RESULTS, WORK
 from pathar_aug.config import save_json
 from pathar_aug.device import resolve_device
-from pathar_aug.pipeline import load_generator
+from pathar_aug.generator import load_generator
 from pathar_aug.preview import save_grid, to_rgb_tiles
 from pathar_aug.sampler import SamplingConfig
 from pathar_aug.train_prior import evaluate_nll, load_token_cache

@@ -80,20 +80,9 @@ def user_errors(fn: Callable) -> Callable:
 
 
 def _device(name: str):
-    import torch
+    from pathar_aug.device import user_device
 
-    from pathar_aug.device import resolve_device
-
-    try:
-        device = resolve_device(name)
-    except RuntimeError:  # torch's own message lists every backend it was built to know
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name!r} is not a device this tool runs on; use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                         "numbered from 0")
-    return device
+    return user_device(name)
 
 
 def _reporter(quiet: bool = False):

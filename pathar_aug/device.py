@@ -52,3 +52,17 @@ def compile_modules(*modules: torch.nn.Module) -> None:
     compiler and pays minutes of compilation for little)."""
     for module in modules:
         module.compile()
+
+
+def user_device(name: str) -> torch.device:
+    """``--device`` as a user typed it: auto, cpu, cuda or cuda:N of this machine, else a clear error."""
+    try:
+        device = resolve_device(name)
+    except RuntimeError:  # torch's own message lists every backend it was built to know
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r} is not a device this tool runs on; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         "numbered from 0")
+    return device

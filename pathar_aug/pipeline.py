@@ -25,24 +25,18 @@ import torch
 
 from pathar_aug import distributed
 from pathar_aug.config import from_dict, from_preset, save_json, to_dict
-from pathar_aug.device import autocast
 from pathar_aug.ingest import (
-    MASK_SUFFIXES,
-    IngestError,
     Sample,
-    find_files,
     image_channels,
     load_dataset_pairs,
     load_pairs,
-    read_mask,
 )
-from pathar_aug.patches import PatchSet, make_patches, split_by_image, tile_starts
-from pathar_aug.preview import save_grid, to_rgb_tiles
-from pathar_aug.prior import PRIOR_PRESETS, InterleavedPrior, PriorConfig
+from pathar_aug.patches import PatchSet, make_patches, split_by_image
+from pathar_aug.prior import PRIOR_PRESETS, PriorConfig
 from pathar_aug.reporter import Log, Reporter, reporter_for
-from pathar_aug.sampler import SamplingConfig, sample_tokens
-from pathar_aug.tokenizer import TOKENIZER_PRESETS, DualVQTokenizer, TokenizerConfig
-from pathar_aug.train_prior import load_prior, train_prior
+from pathar_aug.sampler import SamplingConfig
+from pathar_aug.tokenizer import TOKENIZER_PRESETS, TokenizerConfig
+from pathar_aug.train_prior import train_prior
 from pathar_aug.train_tokenizer import build_token_cache, load_tokenizer, train_tokenizer
 from pathar_aug.training import load_checkpoint, save_checkpoint
 from pathar_aug.validate import check_out_folder, check_run_settings
@@ -147,7 +141,7 @@ def make_settings(images: Path | None, masks: Path | None, labels_csv: Path | No
     )
 
 
-def _checkpoint_done(path: Path, steps: int) -> bool:
+def checkpoint_done(path: Path, steps: int) -> bool:
     return path.exists() and int(load_checkpoint(path)["step"]) >= steps
 
 
@@ -332,6 +326,8 @@ def train_run(run_dir: str | Path, settings: RunSettings | None, device: torch.d
                 compile=compile, init_from=settings.init)
     if not main:  # the remaining stages are rank 0's alone
         return run_dir
+    from pathar_aug.generator import load_generator, save_sample_preview  # it imports this module
+
     generator = load_generator(run_dir, device)
     save_sample_preview(generator, run_dir / "samples_preview.png", device)
 
@@ -354,6 +350,8 @@ def train_sampling_stage(run_dir: str | Path, device: torch.device, settings: Ru
     if path.is_file():
         return path
     settings = settings or RunInfo.load(run_dir).settings
+    from pathar_aug.generator import load_generator  # it imports this module
+
     generator = load_generator(run_dir, device)
     real = {label: stats.empty_share for label, stats in QualityFilter.load(run_dir, device).stats.items()}
 
@@ -383,93 +381,3 @@ def train_filter_stage(run_dir: str | Path, device: torch.device, settings: RunS
     train_patches, heldout = patches if patches is not None else load_patches(run_dir)
     config = FILTER_PRESETS.get(settings.preset, FilterConfig())
     return train_filter(run_dir, train_patches, heldout, config, settings.seed, device, reporter=reporter)
-
-
-@dataclass
-class Generator:
-    """A trained run: tokenizer + prior + the label names they were trained with."""
-
-    tokenizer: DualVQTokenizer
-    prior: InterleavedPrior
-    label_names: list[str]
-    run_dir: Path
-
-    @property
-    def patch_size(self) -> int:
-        return self.tokenizer.cfg.patch_size
-
-    def label_index(self, label: str) -> int:
-        if label not in self.label_names:
-            raise RunError(f"label '{label}' is unknown to this model; it knows: {', '.join(self.label_names)}")
-        return self.label_names.index(label)
-
-    @torch.no_grad()
-    def generate(self, labels: list[int], sampling: SamplingConfig, device: torch.device,
-                 structure: torch.Tensor | None = None, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample token grids and decode them: (uint8 images B x 3 x P x P, {0,1} masks B x 1 x P x P)."""
-        s, a = sample_tokens(self.prior, labels, sampling, device, structure=structure, progress=progress)
-        images, masks = [], []
-        for start in range(0, len(labels), 64):
-            with autocast(device):  # bf16 on CUDA
-                img, msk = self.tokenizer.decode(s[start:start + 64].to(device), a[start:start + 64].to(device))
-            images.append(img.cpu())
-            masks.append(msk.cpu())
-        return torch.cat(images), torch.cat(masks)
-
-    @torch.no_grad()
-    def render_masks(self, masks: torch.Tensor, label: int, sampling: SamplingConfig, device: torch.device,
-                     progress=None) -> torch.Tensor:
-        """Mask-conditioned rendering: encode the masks to S, sample A only, decode the images."""
-        s = torch.cat([self.tokenizer.encode_structure(masks[i:i + 64].to(device)).cpu()
-                       for i in range(0, len(masks), 64)])
-        images, _ = self.generate([label] * len(masks), sampling, device, structure=s, progress=progress)
-        return images
-
-
-def load_generator(run_dir: str | Path, device: torch.device) -> Generator:
-    """Load a finished run; an incomplete one is a clear error naming what is missing."""
-    run_dir = Path(run_dir)
-    if not (run_dir / RUN_FILE).exists() and (run_dir / RUN_PENDING).exists():
-        raise RunError(f"{run_dir} is incomplete: the data stage did not finish; "
-                       f"finish it with `pathar-aug train --out {run_dir} --resume`")
-    info = RunInfo.load(run_dir)
-    settings = info.settings
-    prior_config = run_dir / "prior" / "prior_config.json"
-    prior_total = json.loads(prior_config.read_text())["total_steps"] if prior_config.exists() else None
-    for path, steps, stage in ((TOKENIZER_CKPT, settings.tokenizer.steps, "tokenizer"),
-                               (PRIOR_CKPT, prior_total, "prior")):
-        if not (run_dir / path).exists() or steps is None or not _checkpoint_done(run_dir / path, steps):
-            raise RunError(f"{run_dir} is incomplete: the {stage} stage did not finish (no complete {path}); "
-                           f"finish it with `pathar-aug train --out {run_dir} --resume`")
-    tokenizer = load_tokenizer(run_dir / TOKENIZER_CKPT, device)
-    prior = load_prior(run_dir / PRIOR_CKPT, device).eval()
-    return Generator(tokenizer, prior, info.label_names, run_dir)
-
-
-def save_sample_preview(generator: Generator, path: Path, device: torch.device, per_label: int = 6,
-                        sampling: SamplingConfig | None = None) -> Path:
-    """One row per label: generated images, then the row of their masks."""
-    labels = [li for li in range(len(generator.label_names)) for _ in range(per_label)]
-    images, masks = generator.generate(labels, sampling or SamplingConfig(seed=0), device)
-    rows = []
-    for li in range(len(generator.label_names)):
-        part = slice(li * per_label, (li + 1) * per_label)
-        rows += [to_rgb_tiles(images[part]), to_rgb_tiles(masks[part])]
-    return save_grid(rows, path)
-
-
-def masks_as_patches(masks_dir: Path, patch: int) -> tuple[torch.Tensor, list[str]]:
-    """Read every mask of a folder and tile it to patch size for mask-conditioned rendering."""
-    files = find_files(masks_dir, MASK_SUFFIXES)
-    if not files:
-        raise IngestError(f"{masks_dir}: no mask files found (looked for {', '.join(MASK_SUFFIXES)})")
-    tiles, names = [], []
-    for f in files:
-        m = torch.from_numpy((read_mask(f) > 0).astype("uint8"))
-        h, w = m.shape
-        m = torch.nn.functional.pad(m, (0, max(0, patch - w), 0, max(0, patch - h)))
-        for y in tile_starts(m.shape[0], patch):
-            for x in tile_starts(m.shape[1], patch):
-                tiles.append(m[y:y + patch, x:x + patch])
-                names.append(f"{f.stem}_y{y}x{x}")
-    return torch.stack(tiles).unsqueeze(1), names

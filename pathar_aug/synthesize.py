@@ -17,7 +17,8 @@ from nnunet_integration.paths import FILE_ENDING, DatasetResolutionError, prepro
 from nnunet_integration.splits import real_and_synthetic, update_splits
 from pathar_aug import distributed
 from pathar_aug.ingest import IngestError, Sample, load_pairs
-from pathar_aug.pipeline import Generator, RunError, RunInfo, load_generator, masks_as_patches, train_filter_stage
+from pathar_aug.generator import Generator, load_generator, masks_as_patches
+from pathar_aug.pipeline import RunError, RunInfo, train_filter_stage
 from pathar_aug.reporter import Log, Reporter, reporter_for
 from pathar_aug.sampler import SamplingConfig
 from pathar_aug.validate import check_sampling

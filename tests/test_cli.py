@@ -94,7 +94,7 @@ def test_synthesize_into_fresh_dataset_and_mask_conditioned(trained, nnunet_dirs
     assert batch["settings"]["mode"] == "mask-conditioned" and len(manifest["cases"]) == 3
     # the rendered pairs carry exactly the given masks
     from pathar_aug.ingest import read_mask
-    from pathar_aug.pipeline import masks_as_patches
+    from pathar_aug.generator import masks_as_patches
 
     given, _ = masks_as_patches(trained["masks"] / "dark", 32)
     written = sorted(dataset.glob("labelsTr/*.png"))

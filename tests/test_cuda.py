@@ -110,7 +110,7 @@ def test_bf16_prior_loss_follows_the_float32_one():
 
 
 def test_generator_decodes_uint8_pairs_on_cuda(tmp_path):
-    from pathar_aug.pipeline import Generator
+    from pathar_aug.generator import Generator
 
     device = torch.device("cuda")
     tokenizer = DualVQTokenizer(override(TOKENIZER_PRESETS["tiny"], structure_codes=32, appearance_codes=32))

@@ -101,12 +101,12 @@ def test_evaluate_writes_tables_grids_and_rerun_uses_caches(trained, timm_weight
 
     # a re-run with the same settings touches no model: sets, features, classifier, segmenter cached
     from pathar_aug.evaluation import features, segmenter, style_classifier, weak_generator
-    from pathar_aug import pipeline
+    from pathar_aug import generator
 
     def boom(*a, **k):
         raise AssertionError("recomputed although cached")
 
-    for cls, name in ((pipeline.Generator, "generate"), (weak_generator.MarginalTokenGenerator, "generate"),
+    for cls, name in ((generator.Generator, "generate"), (weak_generator.MarginalTokenGenerator, "generate"),
                       (style_classifier.StyleClassifier, "fit"), (segmenter.Segmenter, "fit"),
                       (features.ColourTextureFeatures, "extract"), (features.TimmFeatures, "extract"),
                       (features.StyleClassifierFeatures, "extract")):

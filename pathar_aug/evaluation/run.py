@@ -29,7 +29,8 @@ import pandas as pd
 import torch
 
 from ..ingest import Sample, load_dataset_pairs, load_pairs
-from ..pipeline import Generator, RunInfo, load_generator
+from ..generator import Generator, load_generator
+from ..pipeline import RunInfo
 from ..reporter import Log, Reporter, reporter_for
 from ..sampler import SamplingConfig
 from .diversity import LPIPS

@@ -16,15 +16,8 @@ from pathar_aug.classical_augment import expand
 from pathar_aug.config import save_json
 from pathar_aug.ingest import load_pairs
 from pathar_aug.patches import PatchSet, dihedral, make_patches, split_by_image
-from pathar_aug.pipeline import (
-    RUN_FILE,
-    Generator,
-    RunError,
-    RunInfo,
-    load_generator,
-    make_settings,
-    train_run,
-)
+from pathar_aug.generator import Generator, load_generator
+from pathar_aug.pipeline import RUN_FILE, RunError, RunInfo, make_settings, train_run
 from pathar_aug.reporter import Log, Reporter, reporter_for
 from pathar_aug.sampler import SamplingConfig
 from pathar_aug.study.logs import captured
