@@ -136,7 +136,7 @@ def train(
     seed: int = typer.Option(0, help="Seed for the split, initialisation and batches."),
     quiet: bool = typer.Option(False, help="No progress bars."),
     compile: bool = COMPILE_OPTION,
-    init: Optional[Path] = typer.Option(None, help="Start both stages from a finished run of the same preset: its tokenizer (see --init-tokenizer) and its prior, labels matched by name (a new label starts from the mean of the known ones)."),
+    init: Optional[str] = typer.Option(None, help="Start both stages from a finished run of the same preset, or from the starting point shipped with the package: 'dsb2018' (cpu preset, trained on DSB2018's three modalities; labels brightfield, fluorescence, histology). Its tokenizer (see --init-tokenizer) and its prior carry over, labels matched by name (a new label starts from the mean of the known ones). What it buys over training from scratch: README, 'Starting point'."),
     init_tokenizer: InitMode = typer.Option(InitMode.finetune, help="With --init: fine-tune the starting run's tokenizer for --tokenizer-steps, or freeze it as it is."),
 ) -> None:
     """Train the generator (tokenizer, then prior) on your image and mask folders, or on an nnU-Net dataset.
@@ -301,19 +301,26 @@ def clean(
 def demo(
     out: Path = typer.Option(Path("pathar_demo"), help="Folder for the demo run and its nnU-Net folders."),
     device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
-    tokenizer_steps: int = typer.Option(150, help="Tokenizer steps (the cpu preset's, shortened so the demo fits ~10 min)."),
-    prior_steps: int = typer.Option(100, help="Prior steps (shortened likewise)."),
+    init: Optional[str] = typer.Option("dsb2018", help="Starting point the generator is fine-tuned from: the shipped 'dsb2018', a run folder, or 'none' to train from scratch (minutes of CPU do not teach it nuclei; README, 'Starting point')."),
+    init_tokenizer: InitMode = typer.Option(InitMode.freeze, help="The starting point's tokenizer: freeze it (the demo's default: it already reconstructs all three modalities) or fine-tune it for --tokenizer-steps."),
+    tokenizer_steps: int = typer.Option(150, help="Tokenizer steps when fine-tuned or trained from scratch."),
+    prior_steps: int = typer.Option(200, help="Prior fine-tuning steps (the cpu preset's batch of 8)."),
     n: int = typer.Option(24, help="Synthetic pairs per label."),
 ) -> None:
-    """Train on the bundled real data, synthesize into an nnU-Net dataset, check and preprocess it.
+    """Fine-tune the generator on the bundled real data, synthesize into an nnU-Net dataset, check and preprocess it.
 
     Data: 36 real CC0 images of the 2018 Data Science Bowl (BBBC038; Caicedo et al., Nature
-    Methods 2019) in three modalities, bundled with the package. Runs the cpu preset with fewer
-    steps, so it shows the whole chain working, not the quality of a full run.
+    Methods 2019) in three modalities, bundled with the package. The generator starts from the
+    shipped DSB2018 starting point and is fine-tuned on them; the quality filter keeps the pairs
+    whose image agrees with its mask. Ends with a summary (cases per label, empty-mask shares,
+    what the filter kept) and demo_preview.png, the synthetic pairs as written; nnU-Net's own
+    planner output goes to nnunet_plan_and_preprocess.log. Rerun to resume.
     """
     from pathar_aug.demo import run_demo
 
-    run_demo(out, _device(device), tokenizer_steps, prior_steps, n, reporter=_reporter())
+    start = None if init is not None and init.lower() == "none" else init
+    run_demo(out, _device(device), tokenizer_steps, prior_steps, n, init=start,
+             init_tokenizer=init_tokenizer.value, reporter=_reporter())
 
 
 # ----------------------------------------------------------------------------------- benchmark

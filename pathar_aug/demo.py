@@ -1,8 +1,15 @@
-"""`pathar-aug demo`: the whole chain on the bundled real data, in one folder, in ~10 CPU minutes."""
+"""`pathar-aug demo`: the whole chain on the bundled real data, in one folder, in ~10 CPU minutes.
+
+The generator starts from the shipped DSB2018 starting point (``starting_points``) and is
+fine-tuned on the 36 bundled images: from scratch, minutes of CPU cannot teach it nuclei.
+"""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 import torch
 
 from nnunet_integration.paths import nnunet_env
@@ -11,14 +18,86 @@ from pathar_aug.reporter import Log, Reporter, reporter_for
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
 DEMO_DATASET = "Dataset990_PatharDemo"
+PREVIEW_FILE = "demo_preview.png"
+PLAN_LOG = "nnunet_plan_and_preprocess.log"
+
+
+@dataclass
+class LabelCount:
+    """Cases of one condition label in a dataset, and how many have empty masks."""
+
+    cases: int = 0
+    empty: int = 0
+
+    @property
+    def empty_share(self) -> float | None:
+        return self.empty / self.cases if self.cases else None
+
+
+@dataclass
+class DatasetSummary:
+    """Real and synthetic cases of a dataset per condition label (empty: under 0.2 % foreground,
+    the quality filter's rule), and the synthetic cases' names per label."""
+
+    real: dict[str, LabelCount] = field(default_factory=dict)
+    synthetic: dict[str, LabelCount] = field(default_factory=dict)
+    synthetic_names: dict[str, list[str]] = field(default_factory=dict)
+
+
+def summarize_dataset(dataset: Path) -> DatasetSummary:
+    """Count real and synthetic cases per label, reading every mask with nnU-Net's reader."""
+    from nnunet_integration.cases import case_labels, list_cases, read_dataset_json, synthetic_cases
+    from nnunet_integration.formats import dataset_format, read_case
+    from pathar_aug.quality_filter import foreground_share, is_empty
+
+    dj, _ = read_dataset_json(dataset)
+    fmt = dataset_format(dataset, dj)
+    cases = list_cases(dataset, dj)
+    synthetic = set(synthetic_cases(dataset))
+    labels = case_labels(dataset, sorted(cases), [])
+    summary = DatasetSummary()
+    for name in sorted(cases):
+        label = labels[name] or "(no label)"
+        seg = read_case(dataset, name, cases[name], fmt.reader).seg
+        count = (summary.synthetic if name in synthetic else summary.real).setdefault(label, LabelCount())
+        count.cases += 1
+        count.empty += is_empty(foreground_share(seg))
+        if name in synthetic:
+            summary.synthetic_names.setdefault(label, []).append(name)
+    return summary
+
+
+def save_dataset_preview(dataset: Path, names: dict[str, list[str]], path: Path, per_label: int = 8) -> Path:
+    """One pair of rows per label: synthetic images as written into the dataset, then their masks."""
+    from nnunet_integration.cases import list_cases
+    from nnunet_integration.formats import dataset_format, read_case
+    from pathar_aug.preview import save_grid
+
+    fmt = dataset_format(dataset)
+    cases = list_cases(dataset)
+    rows, row_names = [], []
+    for label, label_names in sorted(names.items()):
+        images, masks = [], []
+        for name in label_names[:per_label]:
+            case = read_case(dataset, name, cases[name], fmt.reader)
+            image = np.clip(case.image, 0, 255).astype(np.uint8)
+            image = np.repeat(image, 3, axis=0) if image.shape[0] == 1 else image[:3]
+            images.append(image.transpose(1, 2, 0))
+            masks.append(np.repeat(((case.seg > 0) * 255).astype(np.uint8)[..., None], 3, axis=2))
+        rows += [images, masks]
+        row_names += [f"{label} image", f"{label} mask"]
+    return save_grid(rows, path, names=row_names)
 
 
 def run_demo(out: Path, device: torch.device, tokenizer_steps: int, prior_steps: int, n_per_label: int,
-             log: Log | None = None, reporter: Reporter | None = None) -> None:
-    """Train (cpu preset, shortened), import the real demo cases, add synthetic ones chosen by the
-    quality filter, then run nnU-Net's integrity check and plan-and-preprocess. Re-running resumes
-    and skips finished parts."""
+             init: str | None = "dsb2018", init_tokenizer: str = "freeze", log: Log | None = None,
+             reporter: Reporter | None = None) -> DatasetSummary:
+    """Fine-tune the generator from ``init`` (None: from scratch) on the bundled data, import the
+    real demo cases, add synthetic ones chosen by the quality filter, run nnU-Net's integrity check
+    and plan-and-preprocess (its output into ``out/nnunet_plan_and_preprocess.log``), and write a
+    preview of the synthetic cases. Re-running resumes and skips finished parts."""
     from nnunet_integration.runner import plan_and_preprocess, verify
+    from pathar_aug.captured_output import captured
     from pathar_aug.synthesize import acceptance_lines, import_real, synthesize_into
 
     reporter = reporter_for(reporter, log)
@@ -27,8 +106,10 @@ def run_demo(out: Path, device: torch.device, tokenizer_steps: int, prior_steps:
     out = Path(out).resolve()
     run = out / "run"
     settings = make_settings(DEMO_DATA / "images", DEMO_DATA / "masks", None, "cpu",
-                             {"steps": tokenizer_steps}, {"steps": prior_steps}, val_fraction=0.1)
-    log(f"[demo] training the generator on {DEMO_DATA} (BBBC038 subset, CC0) -> {run}")
+                             {"steps": tokenizer_steps}, {"steps": prior_steps}, val_fraction=0.1,
+                             init=init, init_tokenizer=init_tokenizer)
+    start = f"from the '{init}' starting point" if init else "from scratch"
+    log(f"[demo] fine-tuning the generator {start} on {DEMO_DATA} (BBBC038 subset, CC0) -> {run}")
     train_run(run, settings, device, resume=(run / RUN_FILE).exists(), reporter=reporter)
 
     raw, pre, res = out / "nnUNet_raw", out / "nnUNet_preprocessed", out / "nnUNet_results"
@@ -44,13 +125,24 @@ def run_demo(out: Path, device: torch.device, tokenizer_steps: int, prior_steps:
                                  nnunet_preprocessed=pre, quality_filter=True, reporter=reporter)
         for line in acceptance_lines(result):
             log(line)
-        log("[demo] nnU-Net: verify_dataset_integrity")
-        verify(dataset)
-        log("[demo] nnU-Net: plan and preprocess (2d)")
-        plan_and_preprocess(990, num_processes=2)
-    log(f"\n[bold green]demo finished[/bold green] in {time.time() - t0:.0f} s")
-    log(f"  generator run:      {run}  (samples: {run / 'samples_preview.png'})")
-    log(f"  nnU-Net raw:        {dataset}  (synthetic cases: pathar_aug_manifest.json)")
-    log(f"  nnU-Net plans/data: {pre / DEMO_DATASET}  (splits_final.json: real-only validation)")
-    log(f"  train nnU-Net:      nnUNet_raw={raw} nnUNet_preprocessed={pre} nnUNet_results={res} "
-        "nnUNetv2_train 990 2d 0")
+        log(f"[demo] nnU-Net: integrity check, plan and preprocess (2d); its output: {out / PLAN_LOG}")
+        with captured(out / PLAN_LOG):
+            verify(dataset)
+            plan_and_preprocess(990, num_processes=2)
+    summary = summarize_dataset(dataset)
+    preview = save_dataset_preview(dataset, summary.synthetic_names, out / PREVIEW_FILE)
+
+    log(f"\n[bold green]demo finished[/bold green] in {time.time() - t0:.0f} s: {dataset.name}")
+    for label in sorted(set(summary.real) | set(summary.synthetic)):
+        real, syn = summary.real.get(label, LabelCount()), summary.synthetic.get(label, LabelCount())
+        kept = result.labels.get(label)
+        filt = f", filter kept {kept.kept} of {kept.candidates} candidates" if kept and kept.candidates else ""
+        share = (lambda c: f"{c.empty_share:.0%}" if c.empty_share is not None else "-")
+        log(f"  {label:<14} real {real.cases:>3} (empty masks {share(real)}), synthetic {syn.cases:>3} "
+            f"(empty masks {share(syn)}){filt}")
+    log(f"  look at:  {preview}  (synthetic pairs as written)")
+    log(f"            {run / 'samples_preview.png'}  (the generator's samples)")
+    log(f"            {dataset / 'pathar_aug_manifest.json'}  (synthetic cases and their filter scores)")
+    log(f"  train nnU-Net:  nnUNet_raw={raw} nnUNet_preprocessed={pre} nnUNet_results={res} "
+        "nnUNetv2_train 990 2d 0   (splits_final.json: real-only validation)")
+    return summary

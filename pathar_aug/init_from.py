@@ -28,8 +28,10 @@ class InitError(ValueError):
     """The starting run cannot seed this one (missing, unfinished or another architecture)."""
 
 
-def _checkpoint(run_dir: Path, relative: str) -> dict:
-    path = Path(run_dir) / relative
+def _checkpoint(run_dir: str | Path, relative: str) -> dict:
+    from pathar_aug.starting_points import resolve
+
+    path = resolve(run_dir) / relative
     if not path.is_file():
         raise InitError(f"--init {run_dir}: {path} is missing; start from a finished run (pathar-aug train)")
     return load_checkpoint(path)
@@ -43,8 +45,9 @@ def _check_same(kind: str, run_dir: Path, theirs: dict, ours: dict, fields: Sequ
                         "start from a run of the same preset")
 
 
-def load_tokenizer_weights(model: DualVQTokenizer, run_dir: Path) -> None:
-    """Copy a finished run's tokenizer weights into ``model`` (same architecture)."""
+def load_tokenizer_weights(model: DualVQTokenizer, run_dir: str | Path) -> None:
+    """Copy a finished run's (or a shipped starting point's) tokenizer weights into ``model``
+    (same architecture)."""
     from pathar_aug.config import to_dict
 
     state = _checkpoint(run_dir, "tokenizer/tokenizer.pt")
@@ -52,7 +55,7 @@ def load_tokenizer_weights(model: DualVQTokenizer, run_dir: Path) -> None:
     model.load_state_dict(state["model"])
 
 
-def load_prior_weights(prior: InterleavedPrior, run_dir: Path, label_names: Sequence[str]) -> dict[str, str]:
+def load_prior_weights(prior: InterleavedPrior, run_dir: str | Path, label_names: Sequence[str]) -> dict[str, str]:
     """Copy a finished run's prior into ``prior``, the label embedding matched by name; returns
     label -> "kept" or "new"."""
     from pathar_aug.config import to_dict

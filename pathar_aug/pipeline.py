@@ -116,10 +116,12 @@ class RunInfo:
 
 def make_settings(images: Path | None, masks: Path | None, labels_csv: Path | None, preset: str,
                   tokenizer_overrides: dict | None = None, prior_overrides: dict | None = None,
-                  val_fraction: float = 0.1, seed: int = 0, dataset: Path | None = None, init: Path | None = None,
-                  init_tokenizer: str = "finetune") -> RunSettings:
+                  val_fraction: float = 0.1, seed: int = 0, dataset: Path | None = None,
+                  init: str | Path | None = None, init_tokenizer: str = "finetune") -> RunSettings:
     """A run's settings; ``dataset`` (an nnU-Net raw dataset folder) replaces ``images``/``masks``;
-    ``init`` names a finished run both stages start from."""
+    ``init`` names a finished run both stages start from: a folder, or a shipped starting point
+    (``dsb2018``, kept by name so that the run does not depend on where the package is installed)."""
+    from pathar_aug import starting_points
     from pathar_aug.init_from import TOKENIZER_MODES
 
     if dataset is not None:
@@ -128,15 +130,17 @@ def make_settings(images: Path | None, masks: Path | None, labels_csv: Path | No
         raise ValueError("give --images and --masks, or --dataset")
     if init_tokenizer not in TOKENIZER_MODES:
         raise ValueError(f"--init-tokenizer must be one of {', '.join(TOKENIZER_MODES)}, got {init_tokenizer!r}")
-    if init is not None and not (Path(init) / RUN_FILE).is_file():
+    if init is not None and not (starting_points.resolve(init) / RUN_FILE).is_file():
         raise RunError(f"--init {init}: not a finished pathar-aug run folder (no {RUN_FILE})")
+    if init is not None and str(init) not in starting_points.available():
+        init = Path(init).resolve()
     return RunSettings(
         dataset=str(Path(dataset).resolve()) if dataset is not None else None,
         images=str(Path(images).resolve()), masks=str(Path(masks).resolve()),
         labels_csv=str(Path(labels_csv).resolve()) if labels_csv else None, preset=preset,
         tokenizer=from_preset(TOKENIZER_PRESETS, preset, **(tokenizer_overrides or {})),
         prior=from_preset(PRIOR_PRESETS, preset, **(prior_overrides or {})),
-        val_fraction=val_fraction, seed=seed, init=str(Path(init).resolve()) if init else None,
+        val_fraction=val_fraction, seed=seed, init=str(init) if init is not None else None,
         init_tokenizer=init_tokenizer,
     )
 
@@ -186,12 +190,15 @@ def apply_resume_options(run_dir: Path, stored: RunSettings, given: dict[str, An
     Equal values are fine; the prior may be given more steps (it continues from its checkpoint);
     anything else would silently be ignored, so it is an error naming the option.
     """
+    from pathar_aug import starting_points
+
     for option, value in given.items():
         if option not in _RESUME_OPTIONS:
             raise RunError(f"--{option.replace('_', '-')} cannot be given with --resume")
         if value is None:
             continue
-        if option in ("images", "masks", "labels", "dataset", "init"):
+        if option in ("images", "masks", "labels", "dataset") or (
+                option == "init" and str(value) not in starting_points.available()):
             value = str(Path(value).resolve())
         if hasattr(value, "value"):  # an Enum such as the preset
             value = value.value
@@ -347,8 +354,9 @@ def train_sampling_stage(run_dir: str | Path, device: torch.device, settings: Ru
 
     run_dir = Path(run_dir)
     path = run_dir / SAMPLING_FILE
-    if path.is_file():
-        return path
+    prior_step = int(load_checkpoint(run_dir / PRIOR_CKPT)["step"])
+    if path.is_file() and json.loads(path.read_text()).get("prior_step", prior_step) == prior_step:
+        return path  # chosen for this prior (files of older versions carry no step: kept)
     settings = settings or RunInfo.load(run_dir).settings
     from pathar_aug.generator import load_generator  # it imports this module
 
@@ -360,6 +368,7 @@ def train_sampling_stage(run_dir: str | Path, device: torch.device, settings: Ru
 
     choice = choose_sampling(masks, generator.label_names, real, SAMPLES_PER_LABEL.get(settings.preset, 32),
                              seed=settings.seed)
+    choice.prior_step = prior_step
     save_json(choice.to_json(), path)
     reporter_for(reporter).log(
         "  chosen: " + ", ".join(f"{k} {v}" for k, v in choice.chosen.items()) + "; empty masks "

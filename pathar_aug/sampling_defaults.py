@@ -43,6 +43,7 @@ class SamplingChoice:
     real_empty_share: dict[str, float]
     measured: list[dict]  # {"setting": {...}, "empty_share": {label: share}, "max_gap": float}
     samples_per_label: int
+    prior_step: int | None = None  # the prior it was chosen for: a prior trained on chooses again
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

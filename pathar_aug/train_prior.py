@@ -165,7 +165,7 @@ def train_prior(
     elif init_from is not None:  # a new run started from another's prior, labels matched by name
         from pathar_aug.init_from import load_prior_weights
 
-        load_prior_weights(prior, Path(init_from), vocab["label_names"])
+        load_prior_weights(prior, init_from, vocab["label_names"])
     main, rows = distributed.is_main(), distributed.rank_block(cfg.batch_size)
     if not main:  # label dropout draws from this rank's own stream
         torch.manual_seed(distributed.rank_seed(cfg.seed + step))

@@ -86,7 +86,7 @@ def train_tokenizer(
     elif init_from is not None:  # a new run started from another's weights: fine-tuned, or frozen as they are
         from pathar_aug.init_from import load_tokenizer_weights
 
-        load_tokenizer_weights(model, Path(init_from))
+        load_tokenizer_weights(model, init_from)
         if freeze:
             step = cfg.steps
     main, rows = distributed.is_main(), distributed.rank_block(cfg.batch_size)

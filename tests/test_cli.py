@@ -76,6 +76,20 @@ def test_end_to_end_import_synthesize_verify_preprocess_clean(trained, nnunet_di
         train_keys, val_keys = trainer.do_split()
         assert val_keys and not any(k.startswith("pathar_") for k in val_keys)
         assert set(synthetic) <= set(train_keys)
+    # the demo's closing summary and preview read the dataset back
+    import numpy as np
+    from PIL import Image
+
+    from pathar_aug.demo import save_dataset_preview, summarize_dataset
+
+    summary = summarize_dataset(dataset)
+    assert {k: v.cases for k, v in summary.synthetic.items()} == {"bright": 4, "dark": 4}
+    assert sum(v.cases for v in summary.real.values()) == 10
+    empty = sum(int((np.asarray(Image.open(dataset / "labelsTr" / f"{c}.png")) > 0).mean() < 0.002)
+                for c in synthetic)
+    assert sum(v.empty for v in summary.synthetic.values()) == empty
+    preview = save_dataset_preview(dataset, summary.synthetic_names, dataset.parent / "preview.png", per_label=3)
+    assert Image.open(preview).size[1] > 4 * 32  # two rows (image, mask) per label
     res = runner.invoke(app, ["clean", "--from", "501"])
     assert res.exit_code == 0, res.output
     assert snapshot(dataset) == real_files  # exactly the original dataset, byte for byte

@@ -1,6 +1,8 @@
 """`pathar-aug train --init RUN`: both stages start from another run's weights, labels matched by name."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -68,3 +70,52 @@ def test_init_from_another_architecture_or_no_run_is_refused(start, tmp_path):
     prior = InterleavedPrior(from_preset(PRIOR_PRESETS, "tiny", n_embd=48), 32, 32, (8, 8), 1)
     with pytest.raises(InitError, match="n_embd"):
         load_prior_weights(prior, start["run"], ["dark"])
+
+
+def test_a_prior_trained_on_chooses_its_sampling_defaults_again(start, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(start["run"], run)
+    assert json.loads((run / "sampling.json").read_text())["prior_step"] == 4
+    res = runner.invoke(app, ["train", "--out", str(run), "--resume", "--prior-steps", "6", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "sampling.json").read_text())["prior_step"] == 6
+
+
+def test_export_a_starting_point_and_start_from_it(start, tmp_path):
+    from pathar_aug import starting_points
+
+    dest = tmp_path / "points" / "mine"
+    starting_points.export(start["run"], dest, {"source": "tiny test run"}, rename_labels={"dark": "darkfield"})
+    tok = torch.load(dest / "tokenizer" / "tokenizer.pt", weights_only=False)
+    prior = torch.load(dest / "prior" / "prior.pt", weights_only=False)
+    assert "optimizer" not in tok and "optimizer" not in prior  # weights only
+    assert all(v.dtype == torch.float16 for v in prior["model"].values() if v.is_floating_point())
+    assert prior["label_names"] == ["bright", "darkfield"]
+    assert (dest / "filter" / "filter.json").is_file() and (dest / "sampling.json").is_file()
+    filter_labels = json.loads((dest / "filter" / "filter.json").read_text())["labels"]
+    assert set(filter_labels) == {"bright", "darkfield"}
+    about = json.loads((dest / starting_points.ABOUT_FILE).read_text())
+    assert about["source"] == "tiny test run" and about["labels"] == ["bright", "darkfield"]
+    original = torch.load(start["run"] / "prior" / "prior.pt", weights_only=False)["model"]
+    assert all(torch.allclose(prior["model"][k].float(), original[k].float(), atol=1e-2, rtol=1e-2) for k in original)
+
+    # a new run on labels darkfield (known under its new name) and bright starts from it
+    images, masks = write_pair_folders(tmp_path / "data", n=8, size=64, labels=("bright", "darkfield"), seed=5)
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["train", "--images", str(images), "--masks", str(masks), "--preset", "tiny",
+                              "--out", str(out), "--quiet", "--val-fraction", "0.2", "--prior-steps", "2",
+                              "--init", str(dest), "--init-tokenizer", "freeze"])
+    assert res.exit_code == 0, res.output
+    ours = torch.load(out / "prior" / "prior.pt", weights_only=False)
+    assert ours["label_names"] == ["bright", "darkfield"] and ours["step"] == 2
+
+
+def test_an_unknown_starting_point_name_is_refused(tmp_path):
+    images, masks = write_pair_folders(tmp_path / "data", n=6, size=64, labels=("dark",), seed=4)
+    res = runner.invoke(app, ["train", "--images", str(images), "--masks", str(masks), "--preset", "tiny",
+                              "--out", str(tmp_path / "a"), "--quiet", "--init", "nosuchpoint"])
+    assert res.exit_code == 2
+    assert "no shipped starting point of that name" in " ".join(res.output.split())
+    assert not (tmp_path / "a").exists()  # refused before anything is written

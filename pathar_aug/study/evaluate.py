@@ -12,7 +12,7 @@ import torch
 
 from pathar_aug.config import save_json
 from pathar_aug.reporter import Log, Reporter, reporter_for
-from pathar_aug.study.logs import captured
+from pathar_aug.captured_output import captured
 from pathar_aug.study.plan import INSTANCES_FILE, Plan
 from pathar_aug.study.prepare import Prepared, State
 from pathar_aug.study.settings import (

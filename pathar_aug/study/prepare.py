@@ -20,7 +20,7 @@ from pathar_aug.generator import Generator, load_generator
 from pathar_aug.pipeline import RUN_FILE, RunError, RunInfo, make_settings, train_run
 from pathar_aug.reporter import Log, Reporter, reporter_for
 from pathar_aug.sampler import SamplingConfig
-from pathar_aug.study.logs import captured
+from pathar_aug.captured_output import captured
 from pathar_aug.study.plan import (
     INSTANCES_FILE,
     Plan,
