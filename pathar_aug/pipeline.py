@@ -390,3 +390,19 @@ def train_filter_stage(run_dir: str | Path, device: torch.device, settings: RunS
     train_patches, heldout = patches if patches is not None else load_patches(run_dir)
     config = FILTER_PRESETS.get(settings.preset, FilterConfig())
     return train_filter(run_dir, train_patches, heldout, config, settings.seed, device, reporter=reporter)
+
+
+def ensure_filter(run_dir: str | Path, device: torch.device, reporter: Reporter | None = None) -> None:
+    """Train the run's quality filter unless it has one: runs trained before the filter stage get
+    it once, into their run folder (what `pathar-aug train --out RUN --resume` also does)."""
+    from pathar_aug.quality_filter import filter_complete
+
+    if filter_complete(run_dir):
+        return
+    reporter_for(reporter).log(f"quality filter: {run_dir} was trained before the filter stage existed; training "
+                               f"it now, once, into {Path(run_dir) / 'filter'}")
+    try:
+        train_filter_stage(run_dir, device, reporter=reporter)
+    except OSError as exc:
+        raise RunError(f"cannot add the quality filter to {run_dir} ({exc}); make the run folder writable "
+                       "or pass --no-filter") from exc

@@ -18,7 +18,7 @@ from nnunet_integration.splits import real_and_synthetic, update_splits
 from pathar_aug import distributed
 from pathar_aug.ingest import IngestError, Sample, load_pairs
 from pathar_aug.generator import Generator, load_generator, masks_as_patches
-from pathar_aug.pipeline import RunError, RunInfo, train_filter_stage
+from pathar_aug.pipeline import RunInfo, ensure_filter
 from pathar_aug.reporter import Log, Reporter, reporter_for
 from pathar_aug.sampler import SamplingConfig
 from pathar_aug.validate import check_sampling
@@ -147,7 +147,7 @@ def synthesize_into(
     same as one process makes. The run folder (and ``masks_from``) must be readable on every
     machine; the dataset only on rank 0's. Only rank 0's result holds the counts.
     """
-    from pathar_aug.quality_filter import DEFAULT_OVERSAMPLE, MAX_OVERSAMPLE, QualityFilter, filter_complete, quota
+    from pathar_aug.quality_filter import DEFAULT_OVERSAMPLE, MAX_OVERSAMPLE, QualityFilter, quota
 
     main = distributed.is_main()
     reporter = reporter_for(reporter, log) if main else distributed.reporter_of(reporter)[0]
@@ -178,14 +178,8 @@ def synthesize_into(
         _check_target(into, nnunet_raw, source_channels, channels)
     quality = None
     if quality_filter:
-        if main and not filter_complete(model):
-            reporter.log(f"quality filter: {model} was trained before the filter stage existed; training it now, "
-                         f"once, into {Path(model) / 'filter'} (`pathar-aug train --out {model} --resume` does the same)")
-            try:
-                train_filter_stage(model, device, reporter=reporter)
-            except OSError as exc:
-                raise RunError(f"cannot add the quality filter to {model} ({exc}); make the run folder writable "
-                               "or pass --no-filter") from exc
+        if main:
+            ensure_filter(model, device, reporter)
         distributed.barrier()
         quality = QualityFilter.load(model, device)
     dataset = resolve_dataset(into, nnunet_raw, create=True) if main else None

@@ -320,11 +320,10 @@ def _chunk_maker(kind: str, seed: int, settings: BenchmarkSettings, generator: G
         return make
 
     if kind == KIND_FILTERED:
-        from pathar_aug.pipeline import train_filter_stage
-        from pathar_aug.quality_filter import QualityFilter, filter_complete
+        from pathar_aug.pipeline import ensure_filter
+        from pathar_aug.quality_filter import QualityFilter
 
-        if not filter_complete(generator.run_dir):
-            train_filter_stage(generator.run_dir, device, reporter=reporter)
+        ensure_filter(generator.run_dir, device, reporter)
         quality = QualityFilter.load(generator.run_dir, device)
 
         def make(label, li, start, stop):
