@@ -83,7 +83,7 @@ def test_a_prior_trained_on_chooses_its_sampling_defaults_again(start, tmp_path)
     assert json.loads((run / "sampling.json").read_text())["prior_step"] == 6
 
 
-def test_export_a_starting_point_and_start_from_it(start, tmp_path):
+def test_export_a_starting_point_and_start_from_it(start, tmp_path, nnunet_dirs):
     from pathar_aug import starting_points
 
     dest = tmp_path / "points" / "mine"
@@ -100,6 +100,13 @@ def test_export_a_starting_point_and_start_from_it(start, tmp_path):
     assert about["source"] == "tiny test run" and about["labels"] == ["bright", "darkfield"]
     original = torch.load(start["run"] / "prior" / "prior.pt", weights_only=False)["model"]
     assert all(torch.allclose(prior["model"][k].float(), original[k].float(), atol=1e-2, rtol=1e-2) for k in original)
+
+    # a starting point is a run folder: it synthesizes as it is, through its own filter
+    res = runner.invoke(app, ["synthesize", "--model", str(dest), "--into", "601", "--n", "2", "--label",
+                              "darkfield", "--oversample", "10", "--min-agreement", "0"])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads(next(nnunet_dirs["raw"].glob("Dataset601_*/pathar_aug_manifest.json")).read_text())
+    assert len(manifest["cases"]) == 2 and all("scores" in c for c in manifest["cases"].values())
 
     # a new run on labels darkfield (known under its new name) and bright starts from it
     images, masks = write_pair_folders(tmp_path / "data", n=8, size=64, labels=("bright", "darkfield"), seed=5)
