@@ -126,3 +126,22 @@ def test_an_unknown_starting_point_name_is_refused(tmp_path):
     assert res.exit_code == 2
     assert "no shipped starting point of that name" in " ".join(res.output.split())
     assert not (tmp_path / "a").exists()  # refused before anything is written
+
+
+def test_the_shipped_dsb2018_starting_point_loads_into_the_cpu_preset():
+    from pathar_aug import starting_points
+    from pathar_aug.init_from import load_tokenizer_weights
+    from pathar_aug.tokenizer import TOKENIZER_PRESETS, DualVQTokenizer
+
+    assert "dsb2018" in starting_points.available()
+    folder = starting_points.resolve("dsb2018")
+    assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) < 16 * 2**20
+    about = starting_points.about("dsb2018")
+    assert about["preset"] == "cpu" and about["labels"] == ["brightfield", "fluorescence", "histology"]
+    assert about["heldout"]["tokenizer"]["fluorescence"]["mask_dice"] > 0.9
+    tokenizer = DualVQTokenizer(from_preset(TOKENIZER_PRESETS, "cpu"))
+    load_tokenizer_weights(tokenizer, "dsb2018")
+    saved = torch.load(folder / "prior" / "prior.pt", weights_only=False)
+    prior = InterleavedPrior(from_preset(PRIOR_PRESETS, "cpu"), saved["num_structure_codes"],
+                             saved["num_appearance_codes"], saved["grid"], 2)
+    assert load_prior_weights(prior, "dsb2018", ["fluorescence", "phase"]) == {"fluorescence": "kept", "phase": "new"}
