@@ -99,7 +99,9 @@ def check_compatible(dataset_json: Mapping[str, Any]) -> None:
         raise IncompatibleDatasetError("dataset.json does not match the cases to write: " + "; ".join(problems))
 
 
-def prepare_pair(name: str, image: Any, mask: Any) -> tuple[np.ndarray, np.ndarray]:
+def prepare_pair(name: str, image: Any, mask: Any, label_ids: Sequence[int] = (0, 1)) -> tuple[np.ndarray, np.ndarray]:
+    """Check a pair before it is written: uint8 H x W x 3 image, H x W mask of ``label_ids`` (0/255
+    masks become 0/1 where 255 is not a label id)."""
     image = np.asarray(image)
     mask = np.asarray(mask)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
@@ -111,11 +113,12 @@ def prepare_pair(name: str, image: Any, mask: Any) -> tuple[np.ndarray, np.ndarr
     if not np.issubdtype(mask.dtype, np.integer):
         raise ValueError(f"{name}: mask must be bool or integer, got {mask.dtype}")
     values = set(np.unique(mask).tolist())
-    if values <= {0, 1}:
+    if values <= {0, 1} or values <= set(label_ids):
         return image, mask.astype(np.uint8)
     if values <= {0, 255}:  # common PNG mask convention; nnU-Net needs consecutive labels 0/1
         return image, (mask == 255).astype(np.uint8)
-    raise ValueError(f"{name}: mask values must be 0/1 (or 0/255), found {sorted(values)[:10]}")
+    allowed = "0/1 (or 0/255)" if set(label_ids) <= {0, 1} else f"label ids {sorted(label_ids)}"
+    raise ValueError(f"{name}: mask values must be {allowed}, found {sorted(values)[:10]}")
 
 
 def png_bytes(array: np.ndarray) -> bytes:

@@ -7,9 +7,9 @@ Reading and checks live in ``cases``.
 
 Layout: the dataset's own (``formats.dataset_format``): its file ending and reader/writer, its
 channels (one RGB PNG, or one file per channel), the pixel type, intensity range and geometry of its
-real cases, labels 0 (background) and 1 (nucleus). A dataset this tool creates holds
-``imagesTr/<case>_0000.png`` (one 8-bit RGB file) and ``labelsTr/<case>.png``. Each synthetic case's
-files are listed in its manifest entry.
+real cases, its label ids (0 background and 1 nucleus for binary masks). A dataset this tool creates
+holds ``imagesTr/<case>_0000.png`` (one 8-bit RGB file) and ``labelsTr/<case>.png``. Each synthetic
+case's files are listed in its manifest entry.
 
 Why dataset.json gets a ``dataset`` listing: nnU-Net counts the cases of a plain dataset by
 scanning imagesTr and requires that count to equal ``numTraining``. Adding a file and changing
@@ -58,7 +58,12 @@ from nnunet_integration.cases import (  # noqa: F401 - re-exported: the reading 
     real_cases,
     synthetic_cases,
 )
-from nnunet_integration.formats import dataset_format, encode_case, source_channels_fit
+from nnunet_integration.formats import (
+    dataset_format,
+    encode_case,
+    mask_labels_fit,
+    source_channels_fit,
+)
 from nnunet_integration.manifest import (
     CASE_CONDITION,
     CASE_SCORES,
@@ -212,6 +217,7 @@ def write_cases(
     labels: Mapping[str, str] | None = None,
     source_channels: int = 3,
     convert: str | None = None,
+    mask_labels: Mapping[str, int] | None = None,
 ) -> WriteReport:
     """Add synthetic ``(case_id, image uint8 HxWx3, mask HxW)`` pairs to an nnU-Net raw dataset.
 
@@ -221,7 +227,9 @@ def write_cases(
     Files follow the dataset's own format (see module docstring); each case is stored as
     ``pathar_<batch>_<case_id>``. ``source_channels`` says what the images hold (1: gray, replicated
     over R, G, B; 2: the first two channels; 3: RGB); it must match the dataset's channel count
-    unless ``convert`` ('gray' or 'rgb') asks for a conversion. ``settings`` (model, checkpoint, sampling ...) is recorded per
+    unless ``convert`` ('gray' or 'rgb') asks for a conversion. ``mask_labels`` (name -> id), where
+    given, are the masks' classes and must be the dataset's (``formats.mask_labels_fit``); masks hold
+    label ids of the dataset. ``settings`` (model, checkpoint, sampling ...) is recorded per
     batch; the default batch tag is a hash of it, so rerunning the same command resumes: cases it
     already committed are skipped. Real cases are never touched; a name that exists already is
     refused, and so is a dataset whose real cases use the reserved ``pathar_`` prefix (their names
@@ -241,6 +249,8 @@ def write_cases(
         dj, text = read_dataset_json(dataset_dir)
         fmt = dataset_format(dataset_dir, dj)
         source_channels_fit(fmt, source_channels, convert)
+        if mask_labels is not None:
+            mask_labels_fit(fmt, mask_labels)
         manifest = load_manifest(dataset_dir)
         if manifest is None:
             current = list_cases(dataset_dir, dj)
@@ -295,7 +305,7 @@ def write_cases(
                 for rel in fmt.files(name):
                     if (dataset_dir / rel).exists():
                         raise FileExistsError(f"{dataset_dir / rel} exists and is not ours; refusing to overwrite")
-                image, mask = prepare_pair(name, image, mask)
+                image, mask = prepare_pair(name, image, mask, tuple(fmt.labels.values()))
                 # only the encoded files are kept until the commit, not the arrays
                 label = labels.get(case_id) if labels is not None else None
                 staged.append((name, encode_case(name, image, mask, fmt, convert), scores, label))
@@ -358,6 +368,7 @@ def write_chunks(
     on_start: Callable[[], None] | None = None,
     source_channels: int = 3,
     convert: str | None = None,
+    mask_labels: Mapping[str, int] | None = None,
 ) -> WriteReport:
     """``write_cases`` for pairs made chunk by chunk: ``chunks`` lists each chunk's case ids and
     ``make_chunk(c)`` makes chunk ``c``'s cases. A chunk whose every case is already committed in
@@ -376,7 +387,7 @@ def write_chunks(
                 on_chunk(len(ids))
 
     return write_cases(dataset_dir, cases(), settings=settings, batch=batch, commit_every=commit_every,
-                       labels=labels, source_channels=source_channels, convert=convert)
+                       labels=labels, source_channels=source_channels, convert=convert, mask_labels=mask_labels)
 
 
 class SyntheticCasesPresent(IncompatibleDatasetError):

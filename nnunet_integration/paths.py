@@ -5,7 +5,7 @@ import contextlib
 import os
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 from nnunet_integration.atomic import atomic_write_json
 
@@ -90,8 +90,8 @@ def _check_id_free(name: str, raw: Path) -> None:
         )
 
 
-def make_dataset_json(name: str, normalization: str = "zscore") -> dict:
-    """dataset.json for one RGB PNG per case (3 channels) and a binary nucleus label."""
+def make_dataset_json(name: str, normalization: str = "zscore", labels: Mapping[str, int] | None = None) -> dict:
+    """dataset.json for one RGB PNG per case (3 channels) and a binary nucleus label (or ``labels``)."""
     if normalization not in ("zscore", "rgb_to_0_1"):
         raise ValueError("normalization must be 'zscore' or 'rgb_to_0_1'")
     return {
@@ -99,7 +99,7 @@ def make_dataset_json(name: str, normalization: str = "zscore") -> dict:
         "description": "Nuclei image-mask pairs (RGB PNG); synthetic cases are listed in "
         "pathar_aug_manifest.json",
         "channel_names": dict(RGB_CHANNEL_NAMES if normalization == "zscore" else RGB_CHANNEL_NAMES_0_1),
-        "labels": dict(NUCLEI_LABELS),
+        "labels": dict(labels or NUCLEI_LABELS),
         "numTraining": 0,
         "file_ending": FILE_ENDING,
         # pinned so that no other reader registered for '.png' can ever take over
@@ -107,7 +107,7 @@ def make_dataset_json(name: str, normalization: str = "zscore") -> dict:
     }
 
 
-def _create(dataset_dir: Path) -> Path:
+def _create(dataset_dir: Path, mask_labels: Mapping[str, int] | None = None) -> Path:
     images, labels = dataset_dir / "imagesTr", dataset_dir / "labelsTr"
     for sub in (images, labels):
         if sub.is_dir() and any(sub.iterdir()):
@@ -118,11 +118,12 @@ def _create(dataset_dir: Path) -> Path:
     images.mkdir(parents=True, exist_ok=True)
     labels.mkdir(parents=True, exist_ok=True)
     # dataset.json last: a folder without it is just an interrupted creation and is redone
-    atomic_write_json(dataset_dir / "dataset.json", make_dataset_json(dataset_dir.name))
+    atomic_write_json(dataset_dir / "dataset.json", make_dataset_json(dataset_dir.name, labels=mask_labels))
     return dataset_dir
 
 
-def _finish(dataset_dir: Path, create: bool, raw: Path | None, what: str) -> Path:
+def _finish(dataset_dir: Path, create: bool, raw: Path | None, what: str,
+            labels: Mapping[str, int] | None = None) -> Path:
     if (dataset_dir / "dataset.json").is_file():
         return dataset_dir
     if not create:
@@ -130,7 +131,7 @@ def _finish(dataset_dir: Path, create: bool, raw: Path | None, what: str) -> Pat
         raise DatasetResolutionError(f"{what} resolves to {dataset_dir}, which {exists}; check the name "
                                      "(`pathar-aug import` or `synthesize` create new datasets)")
     _check_id_free(dataset_dir.name, raw if raw is not None else dataset_dir.parent)
-    return _create(dataset_dir)
+    return _create(dataset_dir, labels)
 
 
 def resolve_dataset(
@@ -138,18 +139,20 @@ def resolve_dataset(
     nnunet_raw: Path | str | None = None,
     create: bool = False,
     default_name: str = "PatharAug",
+    labels: Mapping[str, int] | None = None,
 ) -> Path:
     """Turn a dataset id (``501``), name (``Dataset501_Nuclei``) or path into a raw dataset folder.
 
     Ids and names resolve inside ``nnunet_raw`` (default ``$nnUNet_raw``); anything containing a
     path separator or starting with ``.``/``~`` (or a ``Path``) is a path, whose last part must be a
     ``DatasetXXX_Name``. With ``create=True`` a missing dataset is made (imagesTr, labelsTr and an
-    RGB-PNG dataset.json); a new id gets the name ``DatasetXXX_<default_name>``.
+    RGB-PNG dataset.json, with ``labels``, default background 0 / nucleus 1); a new id gets the
+    name ``DatasetXXX_<default_name>``.
     """
     if isinstance(into, Path) or (isinstance(into, str) and _looks_like_path(into)):
         dataset_dir = Path(into).expanduser().absolute()
         parse_dataset_name(dataset_dir.name)
-        return _finish(dataset_dir, create, None, f"path {str(into)!r}")
+        return _finish(dataset_dir, create, None, f"path {str(into)!r}", labels)
 
     text = str(into).strip()
     if re.fullmatch(r"\d+", text):
@@ -163,7 +166,7 @@ def resolve_dataset(
                 f"dataset id {dataset_id:03d} matches several folders in {root}: {', '.join(matches)}"
             )
         if matches:
-            return _finish(root / matches[0], create, root, f"dataset id {dataset_id:03d}")
+            return _finish(root / matches[0], create, root, f"dataset id {dataset_id:03d}", labels)
         if not create:
             raise DatasetResolutionError(
                 f"no dataset with id {dataset_id:03d} in {root}; check the id "
@@ -171,7 +174,7 @@ def resolve_dataset(
             )
         if not _NAME_PART_RE.match(default_name):
             raise DatasetResolutionError(f"default_name {default_name!r} may only hold letters, digits, _ and -")
-        return _finish(root / f"Dataset{dataset_id:03d}_{default_name}", True, root, "new dataset")
+        return _finish(root / f"Dataset{dataset_id:03d}_{default_name}", True, root, "new dataset", labels)
 
     if text.startswith("Dataset"):
         parse_dataset_name(text)
@@ -180,7 +183,7 @@ def resolve_dataset(
         if not dataset_dir.is_dir():
             # a name whose id another dataset already uses is an error even without create
             _check_id_free(text, root)
-        return _finish(dataset_dir, create, root, f"dataset {text}")
+        return _finish(dataset_dir, create, root, f"dataset {text}", labels)
 
     raise DatasetResolutionError(
         f"cannot read {str(into)!r} as a dataset: give an id (e.g. 501), a name (e.g. "

@@ -35,7 +35,7 @@ Synthetic image-mask pairs for nuclei segmentation (PathAR), written straight in
 [bold]Try it first[/bold]: pathar-aug demo   (bundled real data, about 10 minutes on 2 CPU cores)
 
 Folders: images and masks pair by file stem (PNG, TIFF, JPEG images; PNG/TIFF masks, binary or
-instance ids). Labels come from --labels name,label CSV, else from subfolder names, else one label.
+instance ids; multi-class masks with train --classes, or --mask-mode border for instance masks). Labels come from --labels name,label CSV, else from subfolder names, else one label.
 nnU-Net folders come from $nnUNet_raw / $nnUNet_preprocessed, or --nnunet-raw / --nnunet-preprocessed.
 """
 
@@ -46,6 +46,11 @@ app = typer.Typer(help=MANUAL, no_args_is_help=True, rich_markup_mode="rich", ad
 class InitMode(str, Enum):
     finetune = "finetune"
     freeze = "freeze"
+
+
+class MaskMode(str, Enum):
+    classes = "classes"
+    border = "border"
 
 
 class Preset(str, Enum):
@@ -138,12 +143,19 @@ def train(
     compile: bool = COMPILE_OPTION,
     init: Optional[str] = typer.Option(None, help="Start both stages from a finished run of the same preset, or from the starting point shipped with the package: 'dsb2018' (cpu preset, trained on DSB2018's three modalities; labels brightfield, fluorescence, histology). Its tokenizer (see --init-tokenizer) and its prior carry over, labels matched by name (a new label starts from the mean of the known ones). What it buys over training from scratch: README, 'Starting point'."),
     init_tokenizer: InitMode = typer.Option(InitMode.finetune, help="With --init: fine-tune the starting run's tokenizer for --tokenizer-steps, or freeze it as it is."),
+    classes: Optional[str] = typer.Option(None, help="Multi-class masks in --masks folders: the classes as name=id pairs, ids 0, 1, ... K-1 with 0 the background, e.g. background=0,interior=1,border=2 (default: binary, any nonzero value is the nucleus). With --dataset the classes are dataset.json's labels."),
+    mask_mode: MaskMode = typer.Option(MaskMode.classes, help="classes: mask values are class ids (binary by default); border: --masks holds instance masks, turned into background=0, interior=1, border=2 (separates touching nuclei)."),
 ) -> None:
     """Train the generator (tokenizer, then prior) on your image and mask folders, or on an nnU-Net dataset.
 
     Everything lands in one run folder; an interrupted run continues with --resume. Patches are
     cut from your images at the preset's patch size (128 px for cpu, 256 px for paper); source
     images are split per label so held-out images never reach training.
+
+    [bold]Mask classes[/bold]: binary by default; K classes from dataset.json's labels (--dataset),
+    from --classes, or from instance masks with --mask-mode border. With K > 2 the tokenizer's
+    mask decoder is K-way (an extension beyond the paper, see README) and synthetic masks carry
+    the class ids.
 
     [bold]Several GPUs or machines[/bold]: torchrun --nproc_per_node N -m pathar_aug train ...
     trains with DistributedDataParallel, one process per GPU; the batch size stays the global
@@ -168,11 +180,17 @@ def train(
         settings = make_settings(images, masks, labels, preset.value,
                                  {"steps": tokenizer_steps, "batch_size": batch_size},
                                  {"steps": prior_steps, "batch_size": batch_size}, val_fraction, seed,
-                                 dataset=dataset_dir, init=init, init_tokenizer=init_tokenizer.value)
+                                 dataset=dataset_dir, init=init, init_tokenizer=init_tokenizer.value,
+                                 classes=classes, mask_mode=mask_mode.value)
     given = _typed_options(ctx, ("images", "masks", "labels", "preset", "tokenizer_steps", "prior_steps", "batch_size",
-                            "val_fraction", "seed", "dataset", "init", "init_tokenizer")) if resume else None
+                            "val_fraction", "seed", "dataset", "init", "init_tokenizer", "classes",
+                            "mask_mode")) if resume else None
     if given and "dataset" in given:
         given["dataset"] = str(dataset_dir)
+    if given and "classes" in given:
+        from pathar_aug.mask_classes import parse_classes
+
+        given["classes"] = parse_classes(given["classes"]).mapping()
     train_run(out, settings, _rank_device(device), resume=resume, given=given, reporter=_reporter(quiet),
               compile=compile)
     distributed.shutdown()
@@ -211,7 +229,9 @@ def synthesize(
     Cases are written in the dataset's own format: its file_ending and nnU-Net reader/writer
     (.png; .tif with its spacing .json; .nii.gz, .nrrd, .mha), its channels (one RGB PNG, or one
     file per channel, _0000, _0001 ...), the pixel type and intensity range of its real cases, their
-    spacing (and origin, direction) where the format stores one, and label ids 0 / 1.
+    spacing (and origin, direction) where the format stores one, and its label ids (0 / 1 for a
+    binary generator; a multi-class generator needs the dataset's labels to be its classes, and a
+    new dataset gets them).
 
     Cases are named pathar_<tag>_<label>_<i>, a prefix real cases may not use, and are listed in
     pathar_aug_manifest.json with the settings that made them. dataset.json is updated atomically;

@@ -10,6 +10,7 @@ import torch
 
 from pathar_aug.device import autocast
 from pathar_aug.ingest import MASK_SUFFIXES, IngestError, find_files, read_mask
+from pathar_aug.mask_classes import BINARY, MaskClasses, as_classes
 from pathar_aug.patches import tile_starts
 from pathar_aug.pipeline import (
     PRIOR_CKPT, RUN_FILE, RUN_PENDING, TOKENIZER_CKPT, RunError, RunInfo, checkpoint_done,
@@ -24,12 +25,15 @@ from pathar_aug.train_tokenizer import load_tokenizer
 
 @dataclass
 class Generator:
-    """A trained run: tokenizer + prior + the label names they were trained with."""
+    """A trained run: tokenizer + prior + the label names they were trained with, and the mask
+    classes (masks are generated as class ids 0 .. K-1, which are the classes' label ids)."""
 
     tokenizer: DualVQTokenizer
     prior: InterleavedPrior
     label_names: list[str]
     run_dir: Path
+    classes: MaskClasses = BINARY
+    mask_mode: str = "classes"
 
     @property
     def patch_size(self) -> int:
@@ -43,7 +47,8 @@ class Generator:
     @torch.no_grad()
     def generate(self, labels: list[int], sampling: SamplingConfig, device: torch.device,
                  structure: torch.Tensor | None = None, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample token grids and decode them: (uint8 images B x 3 x P x P, {0,1} masks B x 1 x P x P)."""
+        """Sample token grids and decode them: (uint8 images B x 3 x P x P, masks B x 1 x P x P:
+        {0,1}, or the class ids of a multi-class run)."""
         s, a = sample_tokens(self.prior, labels, sampling, device, structure=structure, progress=progress)
         images, masks = [], []
         for start in range(0, len(labels), 64):
@@ -80,7 +85,7 @@ def load_generator(run_dir: str | Path, device: torch.device) -> Generator:
                            f"finish it with `pathar-aug train --out {run_dir} --resume`")
     tokenizer = load_tokenizer(run_dir / TOKENIZER_CKPT, device)
     prior = load_prior(run_dir / PRIOR_CKPT, device).eval()
-    return Generator(tokenizer, prior, info.label_names, run_dir)
+    return Generator(tokenizer, prior, info.label_names, run_dir, info.mask_classes, info.settings.mask_mode)
 
 
 def save_sample_preview(generator: Generator, path: Path, device: torch.device, per_label: int = 6,
@@ -91,18 +96,20 @@ def save_sample_preview(generator: Generator, path: Path, device: torch.device, 
     rows = []
     for li in range(len(generator.label_names)):
         part = slice(li * per_label, (li + 1) * per_label)
-        rows += [to_rgb_tiles(images[part]), to_rgb_tiles(masks[part])]
+        rows += [to_rgb_tiles(images[part]), to_rgb_tiles(masks[part], generator.classes.k)]
     return save_grid(rows, path)
 
 
-def masks_as_patches(masks_dir: Path, patch: int) -> tuple[torch.Tensor, list[str]]:
-    """Read every mask of a folder and tile it to patch size for mask-conditioned rendering."""
+def masks_as_patches(masks_dir: Path, patch: int, classes: MaskClasses = BINARY, mask_mode: str = "classes"
+                     ) -> tuple[torch.Tensor, list[str]]:
+    """Read every mask of a folder as the run's classes (``mask_classes.as_classes``: binary, class
+    ids, or instance masks in border mode) and tile it to patch size for mask-conditioned rendering."""
     files = find_files(masks_dir, MASK_SUFFIXES)
     if not files:
         raise IngestError(f"{masks_dir}: no mask files found (looked for {', '.join(MASK_SUFFIXES)})")
     tiles, names = [], []
     for f in files:
-        m = torch.from_numpy((read_mask(f) > 0).astype("uint8"))
+        m = torch.from_numpy(as_classes(read_mask(f, classes.keeps_values(mask_mode)), classes, mask_mode, str(f)))
         h, w = m.shape
         m = torch.nn.functional.pad(m, (0, max(0, patch - w), 0, max(0, patch - h)))
         for y in tile_starts(m.shape[0], patch):

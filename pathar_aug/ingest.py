@@ -39,10 +39,11 @@ class Sample:
 
     name: str
     image: np.ndarray  # H x W x 3 uint8
-    mask: np.ndarray  # H x W int32: 0 background, 1 nucleus, or instance ids 1..K
+    mask: np.ndarray  # H x W int32: 0 background, 1 nucleus, or instance ids 1..K (multiclass: class ids)
     label: str
     image_path: Path
     mask_path: Path
+    multiclass: bool = False  # mask holds the class ids of K > 2 mask classes (``mask_classes``), tiled as they are
 
     @property
     def binary_mask(self) -> np.ndarray:
@@ -181,8 +182,9 @@ def read_image(path: str | Path) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def read_mask(path: str | Path) -> np.ndarray:
-    """Read a mask as H x W int32: binary masks become {0, 1}, instance id maps keep their ids."""
+def read_mask(path: str | Path, keep_values: bool = False) -> np.ndarray:
+    """Read a mask as H x W int32: binary masks become {0, 1}, instance id maps keep their ids.
+    ``keep_values``: every value is kept (class ids of multi-class masks: {0, 2} is not {0, 1})."""
     path = Path(path)
     arr = _read_raw(path, mask=True)
     if arr.ndim == 3 and arr.shape[-1] in (2, 4):  # transparent pixels are background
@@ -207,7 +209,7 @@ def read_mask(path: str | Path) -> np.ndarray:
     values = np.unique(arr)
     if values.min() < 0:
         raise IngestError(f"{path}: mask has negative values")
-    if len(values) <= 2:  # binary, whatever the foreground value (1, 255, True ...)
+    if len(values) <= 2 and not keep_values:  # binary, whatever the foreground value (1, 255, True ...)
         return (arr > 0).astype(np.int32)
     if values.max() > np.iinfo(np.int32).max:  # ids beyond int32: renumber, keeping 0 as background
         inverse = np.searchsorted(values, arr)
@@ -389,8 +391,10 @@ def load_pairs(
     masks_dir: str | Path,
     labels_csv: str | Path | None = None,
     default_label: str = DEFAULT_LABEL,
+    keep_values: bool = False,
 ) -> list[Sample]:
-    """Load every image/mask pair of two folders with its label, checking everything first."""
+    """Load every image/mask pair of two folders with its label, checking everything first.
+    ``keep_values``: masks keep every value (``read_mask``), as multi-class masks need."""
     images_dir = Path(images_dir)
     pairs = pair_files(images_dir, masks_dir)
     if labels_csv is not None:
@@ -399,7 +403,7 @@ def load_pairs(
         labels = _folder_labels(images_dir, pairs, default_label)
     samples = []
     for stem, img_path, mask_path in pairs:
-        image, mask = read_image(img_path), read_mask(mask_path)
+        image, mask = read_image(img_path), read_mask(mask_path, keep_values)
         if image.shape[:2] != mask.shape:
             raise IngestError(f"{mask_path}: mask size {mask.shape[1]}x{mask.shape[0]} differs from image "
                               f"{img_path.name} size {image.shape[1]}x{image.shape[0]}")

@@ -21,7 +21,7 @@ from pathar_aug.training import load_checkpoint
 TOKENIZER_MODES = ("finetune", "freeze")
 # the tokenizer fields that shape its weights: a run started from another must share them
 TOKENIZER_ARCHITECTURE = ("patch_size", "downsample", "channels", "res_blocks", "code_dim", "structure_codes",
-                          "appearance_codes")
+                          "appearance_codes", "num_classes")
 
 
 class InitError(ValueError):
@@ -48,10 +48,12 @@ def _check_same(kind: str, run_dir: Path, theirs: dict, ours: dict, fields: Sequ
 def load_tokenizer_weights(model: DualVQTokenizer, run_dir: str | Path) -> None:
     """Copy a finished run's (or a shipped starting point's) tokenizer weights into ``model``
     (same architecture)."""
-    from pathar_aug.config import to_dict
+    from pathar_aug.config import from_dict, to_dict
+    from pathar_aug.tokenizer import TokenizerConfig
 
     state = _checkpoint(run_dir, "tokenizer/tokenizer.pt")
-    _check_same("tokenizer", run_dir, state["config"], to_dict(model.cfg), TOKENIZER_ARCHITECTURE)
+    theirs = to_dict(from_dict(TokenizerConfig, state["config"]))  # fields added since take their defaults
+    _check_same("tokenizer", run_dir, theirs, to_dict(model.cfg), TOKENIZER_ARCHITECTURE)
     model.load_state_dict(state["model"])
 
 

@@ -16,7 +16,7 @@ class PatchSet:
     """Patches as tensors, ready for a DataLoader or the tokenizer."""
 
     images: torch.Tensor  # M x 3 x P x P uint8
-    masks: torch.Tensor  # M x 1 x P x P uint8 in {0, 1}
+    masks: torch.Tensor  # M x 1 x P x P uint8 in {0, 1} (multi-class runs: class ids 0..K-1)
     labels: torch.Tensor  # M int64, index into label_names
     label_names: list[str]
     sources: list[str]  # the source image of each patch
@@ -61,13 +61,13 @@ def tile_starts(length: int, patch: int) -> list[int]:
 
 def tile_sample(sample: Sample, patch: int, pad_small: bool = True, instances: bool = False
                 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Cut an image and its binary mask (``instances``: its instance ids) into patch x patch tiles
-    covering the whole image.
+    """Cut an image and its binary mask (``instances``: its instance ids; a multi-class sample: its
+    class ids) into patch x patch tiles covering the whole image.
 
     Images smaller than the patch are padded (image by reflection, mask with background) when
     ``pad_small``; otherwise they are refused, since a resize would change nucleus size.
     """
-    image, mask = sample.image, (sample.mask if instances else sample.binary_mask)
+    image, mask = sample.image, (sample.mask if instances or sample.multiclass else sample.binary_mask)
     h, w = mask.shape
     if h < patch or w < patch:
         if not pad_small:

@@ -31,6 +31,7 @@ from pathar_aug.ingest import (
     load_dataset_pairs,
     load_pairs,
 )
+from pathar_aug.mask_classes import BINARY, MaskClasses, class_samples, resolve_classes
 from pathar_aug.patches import PatchSet, make_patches, split_by_image
 from pathar_aug.prior import PRIOR_PRESETS, PriorConfig
 from pathar_aug.reporter import Log, Reporter, reporter_for
@@ -64,6 +65,12 @@ class RunSettings:
     dataset: str | None = None  # an nnU-Net raw dataset read instead of images / masks folders
     init: str | None = None  # a finished run both stages start from (init_from)
     init_tokenizer: str = "finetune"  # with init: "finetune" or "freeze" its tokenizer
+    classes: dict[str, int] | None = None  # mask classes, name -> label id (None: runs of older versions, binary)
+    mask_mode: str = "classes"  # "classes": mask values are label ids; "border": instance masks (mask_classes)
+
+    @property
+    def mask_classes(self) -> MaskClasses:
+        return MaskClasses.from_mapping(self.classes, "the run's classes") if self.classes else BINARY
 
     def to_json(self) -> dict:
         return {**dataclasses.asdict(self), "tokenizer": to_dict(self.tokenizer), "prior": to_dict(self.prior)}
@@ -107,6 +114,10 @@ class RunInfo:
         return int(self.data.get("image_channels", 3))
 
     @property
+    def mask_classes(self) -> MaskClasses:
+        return self.settings.mask_classes
+
+    @property
     def heldout_sources(self) -> list[str]:
         return self.data.get("heldout_sources", [])
 
@@ -117,17 +128,25 @@ class RunInfo:
 def make_settings(images: Path | None, masks: Path | None, labels_csv: Path | None, preset: str,
                   tokenizer_overrides: dict | None = None, prior_overrides: dict | None = None,
                   val_fraction: float = 0.1, seed: int = 0, dataset: Path | None = None,
-                  init: str | Path | None = None, init_tokenizer: str = "finetune") -> RunSettings:
+                  init: str | Path | None = None, init_tokenizer: str = "finetune", classes: str | None = None,
+                  mask_mode: str = "classes") -> RunSettings:
     """A run's settings; ``dataset`` (an nnU-Net raw dataset folder) replaces ``images``/``masks``;
     ``init`` names a finished run both stages start from: a folder, or a shipped starting point
-    (``dsb2018``, kept by name so that the run does not depend on where the package is installed)."""
+    (``dsb2018``, kept by name so that the run does not depend on where the package is installed).
+    The mask classes come from the dataset's labels, ``classes`` (``name=id,...``) or ``mask_mode``
+    'border' (``mask_classes.resolve_classes``); the tokenizer gets their number."""
     from pathar_aug import starting_points
     from pathar_aug.init_from import TOKENIZER_MODES
 
+    dataset_labels = None
     if dataset is not None:
+        from nnunet_integration.cases import read_dataset_json
+
         images, masks = Path(dataset) / "imagesTr", Path(dataset) / "labelsTr"
+        dataset_labels = read_dataset_json(Path(dataset))[0].get("labels")
     if images is None or masks is None:
         raise ValueError("give --images and --masks, or --dataset")
+    mask_classes = resolve_classes(classes, mask_mode, dataset_labels)
     if init_tokenizer not in TOKENIZER_MODES:
         raise ValueError(f"--init-tokenizer must be one of {', '.join(TOKENIZER_MODES)}, got {init_tokenizer!r}")
     if init is not None and not (starting_points.resolve(init) / RUN_FILE).is_file():
@@ -138,10 +157,11 @@ def make_settings(images: Path | None, masks: Path | None, labels_csv: Path | No
         dataset=str(Path(dataset).resolve()) if dataset is not None else None,
         images=str(Path(images).resolve()), masks=str(Path(masks).resolve()),
         labels_csv=str(Path(labels_csv).resolve()) if labels_csv else None, preset=preset,
-        tokenizer=from_preset(TOKENIZER_PRESETS, preset, **(tokenizer_overrides or {})),
+        tokenizer=from_preset(TOKENIZER_PRESETS, preset, **{**(tokenizer_overrides or {}),
+                                                              "num_classes": mask_classes.k}),
         prior=from_preset(PRIOR_PRESETS, preset, **(prior_overrides or {})),
         val_fraction=val_fraction, seed=seed, init=str(init) if init is not None else None,
-        init_tokenizer=init_tokenizer,
+        init_tokenizer=init_tokenizer, classes=mask_classes.mapping(), mask_mode=mask_mode,
     )
 
 
@@ -164,14 +184,19 @@ _RESUME_OPTIONS = {
     "batch_size": lambda s: s.tokenizer.batch_size if s.tokenizer.batch_size == s.prior.batch_size else None,
     "val_fraction": lambda s: s.val_fraction, "seed": lambda s: s.seed, "prior_steps": lambda s: s.prior.steps,
     "dataset": lambda s: s.dataset, "init": lambda s: s.init, "init_tokenizer": lambda s: s.init_tokenizer,
+    "classes": lambda s: s.mask_classes.mapping(), "mask_mode": lambda s: s.mask_mode,
 }
 
 
 def load_run_samples(settings: RunSettings) -> list[Sample]:
-    """The real pairs a run trains on: its nnU-Net dataset's real cases, else its folders."""
+    """The real pairs a run trains on: its nnU-Net dataset's real cases, else its folders; masks as
+    the run's classes (``mask_classes.class_samples``)."""
     if settings.dataset is not None:
-        return load_dataset_pairs(settings.dataset)
-    return load_pairs(settings.images, settings.masks, settings.labels_csv)
+        samples = load_dataset_pairs(settings.dataset)
+    else:
+        samples = load_pairs(settings.images, settings.masks, settings.labels_csv,
+                             keep_values=settings.mask_classes.keeps_values(settings.mask_mode))
+    return class_samples(samples, settings.mask_classes, settings.mask_mode)
 
 
 def _data_channels(settings: RunSettings, samples: list[Sample]) -> int:
@@ -270,7 +295,8 @@ def prepare_run(run_dir: Path, settings: RunSettings | None, resume: bool, given
     save_checkpoint(run_dir / "data" / "patches.pt", train=train_patches, heldout=val_patches)  # temp + rename
     summary = {"label_names": label_names, "train_images": len(train), "heldout_images": len(val),
                "train_patches": len(train_patches), "heldout_patches": len(val_patches) if val_patches else 0,
-               "heldout_sources": sorted({s.name for s in val}), "image_channels": _data_channels(settings, samples)}
+               "heldout_sources": sorted({s.name for s in val}), "image_channels": _data_channels(settings, samples),
+               "mask_classes": settings.mask_classes.mapping(), "mask_mode": settings.mask_mode}
     if settings.dataset is not None:
         from nnunet_integration.cases import read_dataset_json
 
@@ -389,7 +415,8 @@ def train_filter_stage(run_dir: str | Path, device: torch.device, settings: RunS
         settings = RunInfo.load(run_dir).settings
     train_patches, heldout = patches if patches is not None else load_patches(run_dir)
     config = FILTER_PRESETS.get(settings.preset, FilterConfig())
-    return train_filter(run_dir, train_patches, heldout, config, settings.seed, device, reporter=reporter)
+    return train_filter(run_dir, train_patches, heldout, config, settings.seed, device, reporter=reporter,
+                        classes=settings.mask_classes)
 
 
 def ensure_filter(run_dir: str | Path, device: torch.device, reporter: Reporter | None = None) -> None:

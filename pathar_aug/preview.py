@@ -11,10 +11,13 @@ from PIL import Image, ImageDraw
 from nnunet_integration.atomic import atomic_write_bytes
 
 
-def to_rgb_tiles(x: torch.Tensor) -> list[np.ndarray]:
-    """uint8 B x 3 x H x W images or {0,1} B x 1 x H x W masks -> list of H x W x 3 uint8 arrays."""
+def to_rgb_tiles(x: torch.Tensor, classes: int = 2) -> list[np.ndarray]:
+    """uint8 B x 3 x H x W images or {0,1} B x 1 x H x W masks (``classes`` > 2: class ids, shown
+    as gray levels from black to white) -> list of H x W x 3 uint8 arrays."""
     x = x.detach().cpu()
-    if x.shape[1] == 1:
+    if x.shape[1] == 1 and classes > 2:
+        x = (x.to(torch.uint8) * (255 // (classes - 1))).expand(-1, 3, -1, -1)
+    elif x.shape[1] == 1:
         x = (x.to(torch.uint8) * 255).expand(-1, 3, -1, -1) if x.max() <= 1 else x.expand(-1, 3, -1, -1)
     return [t.permute(1, 2, 0).numpy().astype(np.uint8) for t in x]
 

@@ -8,6 +8,10 @@ real data. Two scores per pair say so:
   trained on the run's real training patches, predicts for that image;
 - ``foreground``: the mask's foreground share, from which ``empty`` and ``full`` follow.
 
+Multi-class masks (K > 2 classes): the segmenter is K-way; the agreement stays the Dice of
+foreground (any class but background) against foreground, and each pair's scores also record
+the Dice of every foreground class (``class_agreement``), which selects nothing.
+
 The filter is a stage at the end of ``pathar-aug train`` and lives in the run folder::
 
     RUN/filter/segmenter.pt    the filter's segmenter
@@ -34,7 +38,8 @@ import torch
 
 from pathar_aug.config import save_json
 from pathar_aug.evaluation.segmenter import Segmenter, SegmenterConfig
-from pathar_aug.metrics import binary_dice
+from pathar_aug.mask_classes import MaskClasses
+from pathar_aug.metrics import binary_dice, class_dices
 from pathar_aug.patches import PatchSet
 from pathar_aug.pipeline import RunError
 from pathar_aug.reporter import Reporter
@@ -106,10 +111,14 @@ class PairScores:
     empty: bool
     full: bool
     passed: bool  # agreement >= the threshold in force
+    class_agreement: dict[str, float] | None = None  # K > 2 classes: Dice per foreground class
 
     def to_json(self, threshold: float) -> dict[str, Any]:
-        return {"agreement": round(self.agreement, 4), "foreground": round(self.foreground, 4),
-                "empty": self.empty, "full": self.full, "threshold": round(threshold, 4)}
+        out = {"agreement": round(self.agreement, 4), "foreground": round(self.foreground, 4),
+               "empty": self.empty, "full": self.full, "threshold": round(threshold, 4)}
+        if self.class_agreement is not None:
+            out["class_agreement"] = {name: round(v, 4) for name, v in self.class_agreement.items()}
+        return out
 
 
 @dataclass
@@ -201,11 +210,13 @@ class QualityFilter:
     """
 
     def __init__(self, segmenter: Predictor, stats: Mapping[str, LabelStats], config: FilterConfig | None = None,
-                 fingerprint: str = ""):
+                 fingerprint: str = "", class_names: Sequence[str] | None = None):
         self.segmenter = segmenter
         self.stats = dict(stats)
         self.config = config or FilterConfig()
         self.fingerprint = fingerprint
+        # K > 2 mask classes: the segmenter predicts class maps, scored per class too
+        self.class_names = list(class_names) if class_names is not None and len(class_names) > 2 else None
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str | torch.device = "cpu") -> "QualityFilter":
@@ -217,7 +228,7 @@ class QualityFilter:
         data = json.loads((folder / STATS_FILE).read_text())
         segmenter = Segmenter.load(folder / SEGMENTER_FILE, str(device))
         stats = {name: LabelStats(**s) for name, s in data["labels"].items()}
-        return cls(segmenter, stats, FilterConfig(**data["config"]), data.get("fingerprint", ""))
+        return cls(segmenter, stats, FilterConfig(**data["config"]), data.get("fingerprint", ""), data.get("classes"))
 
     def thresholds(self) -> dict[str, float]:
         return {name: s.threshold for name, s in self.stats.items()}
@@ -240,7 +251,10 @@ class QualityFilter:
         out = []
         for pred, mask in zip(predicted, masks):
             share, value = foreground_share(mask), agreement(pred, mask)
-            out.append(PairScores(value, share, is_empty(share), is_full(share), value >= threshold))
+            per_class = None
+            if self.class_names is not None:
+                per_class = dict(zip(self.class_names[1:], class_dices(pred, mask, len(self.class_names))))
+            out.append(PairScores(value, share, is_empty(share), is_full(share), value >= threshold, per_class))
         return out
 
     def select(self, images: Sequence[np.ndarray | torch.Tensor], masks: Sequence[np.ndarray | torch.Tensor],
@@ -344,9 +358,11 @@ def _trivial(mask: np.ndarray) -> bool:
 
 
 def train_filter(run_dir: str | Path, train: PatchSet, heldout: PatchSet | None, config: FilterConfig,
-                 seed: int, device: str | torch.device = "cpu", reporter: Reporter | None = None) -> Path:
+                 seed: int, device: str | torch.device = "cpu", reporter: Reporter | None = None,
+                 classes: MaskClasses | None = None) -> Path:
     """Train the filter's segmenter on the real training patches and store it with the real
-    statistics in ``run_dir/filter``; a complete filter is kept as it is. Returns the folder."""
+    statistics in ``run_dir/filter``; a complete filter is kept as it is. Returns the folder.
+    ``classes``: the run's mask classes (K > 2: a K-way segmenter; default binary)."""
     folder = Path(run_dir) / FILTER_DIR
     if filter_complete(run_dir):
         return folder
@@ -356,11 +372,13 @@ def train_filter(run_dir: str | Path, train: PatchSet, heldout: PatchSet | None,
                                  steps=config.steps, batch_size=config.batch_size, lr=config.lr,
                                  val_fraction=0.0,  # the held-out source images measure it instead
                                  seed=seed + config.seed_offset)
-    segmenter = Segmenter.fit(_pairs(train, range(len(train))), seg_config, str(device), reporter=reporter)
+    k = classes.k if classes is not None else 2
+    segmenter = Segmenter.fit(_pairs(train, range(len(train))), seg_config, str(device), reporter=reporter, classes=k)
     stats = real_statistics(segmenter, train, heldout, config.percentile)
     segmenter.save(folder / SEGMENTER_FILE)
     save_json({"format": FORMAT, "config": dataclasses.asdict(config), "fingerprint": segmenter.fingerprint,
                "empty_max_foreground": EMPTY_MAX_FOREGROUND, "full_min_foreground": FULL_MIN_FOREGROUND,
-               "labels": {name: dataclasses.asdict(s) for name, s in stats.items()}},
+               "labels": {name: dataclasses.asdict(s) for name, s in stats.items()},
+               **({"classes": list(classes.names)} if k > 2 else {})},
               folder / STATS_FILE)  # last: marks the stage complete
     return folder

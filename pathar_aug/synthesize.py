@@ -4,13 +4,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
 
 from nnunet_integration.cases import IncompatibleDatasetError, committed_ids, read_dataset_json
 from nnunet_integration.dataset import SyntheticCasesPresent, write_chunks, write_real_cases
-from nnunet_integration.formats import NATURAL, DatasetFormat, dataset_format, source_channels_fit
+from nnunet_integration.formats import NATURAL, DatasetFormat, dataset_format, mask_labels_fit, source_channels_fit
 from nnunet_integration.manifest import SYNTHETIC_PREFIX, load_manifest, settings_batch_tag
 from nnunet_integration.names import case_part
 from nnunet_integration.paths import FILE_ENDING, DatasetResolutionError, preprocessed_dir, resolve_dataset
@@ -100,9 +100,11 @@ def plan_labels(generator: Generator, n: int, label: str | None, per_label: bool
     return [i % k for i in range(n)]
 
 
-def _check_target(into: str, nnunet_raw: Path | None, source_channels: int = 3, channels: str | None = None) -> None:
+def _check_target(into: str, nnunet_raw: Path | None, source_channels: int = 3, channels: str | None = None,
+                  mask_labels: Mapping[str, int] | None = None) -> None:
     """Fail before anything is written: a raw root must exist, an existing dataset must take the
-    generator's images (its format, its channels, unless ``channels`` converts them)."""
+    generator's images (its format, its channels, unless ``channels`` converts them) and its masks
+    (``mask_labels``, the generator's classes: the dataset's labels; a new dataset is made with them)."""
     try:
         dataset = resolve_dataset(into, nnunet_raw, create=False)
     except DatasetResolutionError:
@@ -113,7 +115,10 @@ def _check_target(into: str, nnunet_raw: Path | None, source_channels: int = 3, 
             raise IncompatibleDatasetError(f"{into}: a new dataset holds RGB PNGs: {exc} (or create a dataset.json "
                                            "for another channel count first)") from None
         return
-    source_channels_fit(dataset_format(dataset, read_dataset_json(dataset)[0]), source_channels, channels)
+    fmt = dataset_format(dataset, read_dataset_json(dataset)[0])
+    source_channels_fit(fmt, source_channels, channels)
+    if mask_labels is not None:
+        mask_labels_fit(fmt, mask_labels)
 
 
 def synthesize_into(
@@ -170,19 +175,20 @@ def synthesize_into(
     if masks_from is not None:
         if label is None and len(generator.label_names) > 1:
             raise ValueError(f"--masks-from needs --label: the model knows {', '.join(generator.label_names)}")
-        tiles, _ = masks_as_patches(masks_from, generator.patch_size)
+        tiles, _ = masks_as_patches(masks_from, generator.patch_size, generator.classes, generator.mask_mode)
         structure_masks = tiles[:n]
         labels = [labels[0]] * len(structure_masks)
     source_channels = RunInfo.load(model).image_channels
+    mask_labels = generator.classes.mapping()  # masks are generated as these label ids
     if main:
-        _check_target(into, nnunet_raw, source_channels, channels)
+        _check_target(into, nnunet_raw, source_channels, channels, mask_labels)
     quality = None
     if quality_filter:
         if main:
             ensure_filter(model, device, reporter)
         distributed.barrier()
         quality = QualityFilter.load(model, device)
-    dataset = resolve_dataset(into, nnunet_raw, create=True) if main else None
+    dataset = resolve_dataset(into, nnunet_raw, create=True, labels=mask_labels) if main else None
 
     drawing = dict(guidance=guidance, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     settings = {"model": str(Path(model).resolve()), "mode": "mask-conditioned" if masks_from else "label-only",
@@ -282,7 +288,7 @@ def synthesize_into(
                               settings=settings, batch=batch, commit_every=batch_size,
                               labels={name: generator.label_names[li] for name, li in zip(names, labels)},
                               on_chunk=task.advance, on_start=task.start,
-                              source_channels=source_channels, convert=channels)
+                              source_channels=source_channels, convert=channels, mask_labels=mask_labels)
     if distributed.active():
         shards.finish()
     # chunks found complete were not even generated: count this batch's cases in the manifest

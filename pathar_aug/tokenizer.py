@@ -6,6 +6,12 @@
     loss = L_rec + L_VQ^s + L_VQ^a + L_seg     (Eq. 9, unweighted; L_seg = BCE + Dice)
 
 Images enter as uint8 RGB and are scaled to [-1, 1]; masks enter as {0, 1}.
+
+Multi-class masks (an extension beyond the paper, whose masks are binary): with ``num_classes``
+K > 2 the masks hold class indices 0 .. K-1, the structure encoder reads them one-hot (K channels),
+the mask decoder D_seg has K logits per pixel and L_seg is cross-entropy + soft Dice over the
+foreground classes. K = 2 is the paper's binary tokenizer, unchanged (one mask channel in, one
+logit out, BCE + Dice), and the default, so that checkpoints without the field load as before.
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ class TokenizerConfig:
     # reads the layout off A (the token-swap grid shows it), and a sampled A that disagrees with its
     # S yields an image that disagrees with its mask.
     appearance_shuffle: float = 0.0
+    num_classes: int = 2  # mask classes incl. background; 2 = binary (the paper), K > 2 see module doc
     # optimisation (paper: AdamW beta (0.9, 0.95), weight decay 0.05, lr 1e-4)
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.95)
@@ -56,8 +63,16 @@ class TokenizerConfig:
             raise ValueError(f"res_blocks needs one entry per resolution ({len(self.channels)}), got {self.res_blocks}")
         if not 0.0 <= self.appearance_shuffle <= 1.0:
             raise ValueError(f"appearance_shuffle is a probability, got {self.appearance_shuffle}")
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or not 2 <= self.num_classes <= 255:
+            raise ValueError(f"num_classes is a whole number from 2 to 255, got {self.num_classes!r}")
         if self.patch_size % self.downsample:
             raise ValueError(f"patch_size {self.patch_size} is not a multiple of downsample {self.downsample}")
+
+    @property
+    def mask_channels(self) -> int:
+        """Channels of the structure encoder's input and the mask decoder's output: 1 for binary
+        masks, one per class otherwise."""
+        return 1 if self.num_classes == 2 else self.num_classes
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -167,6 +182,15 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> t
     return (1 - (2 * (p * t).sum(1) + eps) / (p.sum(1) + t.sum(1) + eps)).mean()
 
 
+def class_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Soft Dice of K-class logits B x K x H x W against class indices B x H x W, per sample and
+    foreground class (background left out, as its Dice is near 1 and says little), averaged."""
+    k = logits.shape[1]
+    p = torch.softmax(logits, dim=1)[:, 1:].flatten(2)
+    t = F.one_hot(target.long(), k).permute(0, 3, 1, 2)[:, 1:].flatten(2).to(p.dtype)
+    return (1 - (2 * (p * t).sum(2) + eps) / (p.sum(2) + t.sum(2) + eps)).mean()
+
+
 def shuffle_positions(codes: torch.Tensor, p: float) -> torch.Tensor:
     """Randomly permute the h x w positions of each of B code maps (B x d x h x w) with probability p."""
     b, d, h, w = codes.shape
@@ -182,42 +206,54 @@ class DualVQTokenizer(nn.Module):
         super().__init__()
         self.cfg = cfg
         width = cfg.channels[-1]
-        self.structure_encoder = Encoder(1, cfg)
+        self.structure_encoder = Encoder(cfg.mask_channels, cfg)
         self.appearance_encoder = Encoder(3, cfg)
         self.structure_vq = VectorQuantizer(cfg.structure_codes, cfg.code_dim, cfg.vq_beta, cfg.dead_code_steps)
         self.appearance_vq = VectorQuantizer(cfg.appearance_codes, cfg.code_dim, cfg.vq_beta, cfg.dead_code_steps)
         self.mask_in = nn.Conv2d(cfg.code_dim, width, 1)
-        self.mask_decoder = Decoder(1, cfg)  # D_seg: reads structure codes only
+        self.mask_decoder = Decoder(cfg.mask_channels, cfg)  # D_seg: reads structure codes only
         self.fusion = Fusion(cfg.code_dim, width)
         self.image_decoder = Decoder(3, cfg)  # D: reads the fused codes
 
     # ----- the API the later stages use -----
     def encode(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 images B x 3 x H x W and {0,1} masks B x 1 x H x W -> token grids (S, A), each B x h x w."""
+        """uint8 images B x 3 x H x W and masks B x 1 x H x W ({0,1}, or class indices) -> token
+        grids (S, A), each B x h x w."""
         return self.encode_structure(masks), self.encode_appearance(images)
 
+    def _structure_input(self, masks: torch.Tensor) -> torch.Tensor:
+        """Masks B x 1 x H x W as the structure encoder reads them: as they are when binary,
+        one-hot B x K x H x W otherwise."""
+        if self.cfg.num_classes == 2:
+            return masks.float()
+        return F.one_hot(masks[:, 0].long(), self.cfg.num_classes).permute(0, 3, 1, 2).float()
+
     def encode_structure(self, masks: torch.Tensor) -> torch.Tensor:
-        """{0,1} masks B x 1 x H x W -> structure tokens B x h x w (for mask-conditioned rendering)."""
-        return self.structure_vq.assign_map(self.structure_encoder(masks.float()))
+        """Masks B x 1 x H x W -> structure tokens B x h x w (for mask-conditioned rendering)."""
+        return self.structure_vq.assign_map(self.structure_encoder(self._structure_input(masks)))
 
     def encode_appearance(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images B x 3 x H x W -> appearance tokens B x h x w."""
         return self.appearance_vq.assign_map(self.appearance_encoder(images_to_float(images)))
 
     def decode_mask_logits(self, s: torch.Tensor) -> torch.Tensor:
-        """Structure tokens B x h x w -> mask logits B x 1 x H x W, from S alone."""
+        """Structure tokens B x h x w -> mask logits B x 1 x H x W (B x K x H x W for K > 2 classes),
+        from S alone."""
         return self.mask_decoder(self.mask_in(self.structure_vq.lookup(s)))
 
     def decode_mask(self, s: torch.Tensor) -> torch.Tensor:
-        """Structure tokens -> binary mask B x 1 x H x W uint8."""
-        return (self.decode_mask_logits(s) > 0).to(torch.uint8)
+        """Structure tokens -> mask B x 1 x H x W uint8: {0,1}, or class indices for K > 2."""
+        logits = self.decode_mask_logits(s)
+        if self.cfg.num_classes == 2:
+            return (logits > 0).to(torch.uint8)
+        return logits.argmax(dim=1, keepdim=True).to(torch.uint8)
 
     def decode_image(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """(S, A) token grids -> uint8 RGB images B x 3 x H x W."""
         return float_to_images(self._image_from_codes(self.structure_vq.lookup(s), self.appearance_vq.lookup(a)))
 
     def decode(self, s: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(S, A) -> (uint8 images B x 3 x H x W, binary masks B x 1 x H x W)."""
+        """(S, A) -> (uint8 images B x 3 x H x W, masks B x 1 x H x W as ``decode_mask``)."""
         return self.decode_image(s, a), self.decode_mask(s)
 
     # ----- training -----
@@ -225,17 +261,21 @@ class DualVQTokenizer(nn.Module):
         return self.image_decoder(self.fusion(q_s, q_a))
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Losses of Eq. 9 for a batch (uint8 images, {0,1} masks) plus the tokens and outputs."""
+        """Losses of Eq. 9 for a batch (uint8 images, masks as ``encode``) plus the tokens and outputs."""
         x = images_to_float(images)
-        q_s, s, vq_s = self.structure_vq(self.structure_encoder(masks.float()))
+        q_s, s, vq_s = self.structure_vq(self.structure_encoder(self._structure_input(masks)))
         q_a, a, vq_a = self.appearance_vq(self.appearance_encoder(x))
         if self.training and self.cfg.appearance_shuffle > 0:
             q_a = shuffle_positions(q_a, self.cfg.appearance_shuffle)
         x_hat = self._image_from_codes(q_s, q_a)
         m_logits = self.mask_decoder(self.mask_in(q_s))
-        m = masks.float()
         rec = F.l1_loss(x_hat.float(), x)
-        seg = F.binary_cross_entropy_with_logits(m_logits.float(), m) + dice_loss(m_logits.float(), m)
+        if self.cfg.num_classes == 2:
+            m = masks.float()
+            seg = F.binary_cross_entropy_with_logits(m_logits.float(), m) + dice_loss(m_logits.float(), m)
+        else:
+            target = masks[:, 0].long()
+            seg = F.cross_entropy(m_logits.float(), target) + class_dice_loss(m_logits.float(), target)
         loss = rec + vq_s + vq_a + seg
         return {"loss": loss, "rec": rec, "vq_structure": vq_s, "vq_appearance": vq_a, "seg": seg,
                 "structure_tokens": s, "appearance_tokens": a, "image": x_hat, "mask_logits": m_logits}

@@ -41,7 +41,8 @@ def save_preview(model: DualVQTokenizer, patches: PatchSet, path: Path, device: 
     s, a = model.encode(images, masks)
     recon, pred = model.decode(s, a)
     model.train(was_training)
-    cols = [to_rgb_tiles(images), to_rgb_tiles(recon), to_rgb_tiles(masks), to_rgb_tiles(pred)]
+    k = model.cfg.num_classes
+    cols = [to_rgb_tiles(images), to_rgb_tiles(recon), to_rgb_tiles(masks, k), to_rgb_tiles(pred, k)]
     return save_grid([list(row) for row in zip(*cols)], path)
 
 

@@ -1,5 +1,7 @@
 """nnU-Net datasets in their own formats: `train --dataset` reads them through nnU-Net's reader, and
-`synthesize --into` writes cases nnU-Net's integrity check and preprocessing accept, real files untouched."""
+`synthesize --into` writes cases nnU-Net's integrity check and preprocessing accept, real files untouched.
+Multi-class masks: a 3-class (background / interior / border) dataset, and instance folders with
+--mask-mode border."""
 from __future__ import annotations
 
 import hashlib
@@ -16,12 +18,14 @@ from typer.testing import CliRunner
 from nnunet_integration.formats import dataset_format
 from nnunet_integration.runner import plan_and_preprocess, verify
 from pathar_aug.cli import app
-from tests.conftest import disc_pair
+from pathar_aug.mask_classes import instances_to_border
+from tests.conftest import disc_pair, touching_nuclei
 
 runner = CliRunner()
 N_CASES, SIZE = 6, 48
 TIFF_SPACING = [999.0, 0.5, 0.5]
 NII_SPACING = (0.65, 0.65)
+BORDER_LABELS = {"background": 0, "interior": 1, "border": 2}
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -31,14 +35,19 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 def make_dataset(raw: Path, name: str, kind: str) -> Path:
     """A small real nnU-Net v2 dataset: 'tif' (1 channel, uint16, spacing files), 'nii' (1 channel,
-    uint16 2D NIfTI with spacing) or 'png' (one RGB PNG per case)."""
+    uint16 2D NIfTI with spacing), 'png' (one RGB PNG per case) or 'border' (RGB PNG, touching
+    nuclei labelled background 0 / interior 1 / border 2)."""
     dataset = raw / name
     (dataset / "imagesTr").mkdir(parents=True)
     (dataset / "labelsTr").mkdir()
     rng = np.random.default_rng(1)
-    ending = {"tif": ".tif", "nii": ".nii.gz", "png": ".png"}[kind]
+    ending = {"tif": ".tif", "nii": ".nii.gz", "png": ".png", "border": ".png"}[kind]
     for i in range(N_CASES):
-        rgb, mask = disc_pair(SIZE, rng, dark_background=True)
+        if kind == "border":
+            rgb, instances = touching_nuclei(SIZE, rng, n=6)
+            mask = instances_to_border(instances)
+        else:
+            rgb, mask = disc_pair(SIZE, rng, dark_background=True)
         case = f"cell{i:02d}"
         image_path = dataset / "imagesTr" / f"{case}_0000{ending}"
         label_path = dataset / "labelsTr" / f"{case}{ending}"
@@ -56,9 +65,10 @@ def make_dataset(raw: Path, name: str, kind: str) -> Path:
         else:
             Image.fromarray(rgb).save(image_path)
             Image.fromarray(mask).save(label_path)
-    channels = {"0": "R", "1": "G", "2": "B"} if kind == "png" else {"0": "DAPI"}
+    channels = {"0": "R", "1": "G", "2": "B"} if kind in ("png", "border") else {"0": "DAPI"}
+    labels = BORDER_LABELS if kind == "border" else {"background": 0, "nucleus": 1}
     (dataset / "dataset.json").write_text(json.dumps({
-        "channel_names": channels, "labels": {"background": 0, "nucleus": 1},
+        "channel_names": channels, "labels": labels,
         "numTraining": N_CASES, "file_ending": ending}, indent=2))
     return dataset
 
@@ -158,3 +168,74 @@ def test_rgb_png_dataset_train_and_synthesize(nnunet_dirs, tmp_path, one_thread)
     # --resume from the run folder alone finds the dataset again
     res = runner.invoke(app, ["train", "--out", str(tmp_path / "run"), "--resume", "--quiet"])
     assert res.exit_code == 0, res.output
+
+
+def label_values(dataset: Path, cases: list[str]) -> set[int]:
+    return {int(v) for case in cases for v in np.unique(np.asarray(Image.open(dataset / "labelsTr" / f"{case}.png")))}
+
+
+def test_three_class_border_dataset_train_and_synthesize(nnunet_dirs, tmp_path, one_thread):
+    dataset = make_dataset(nnunet_dirs["raw"], "Dataset525_Border", "border")
+    real = snapshot(dataset)
+    train("525", tmp_path / "run")
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["settings"]["classes"] == BORDER_LABELS and run["data"]["mask_classes"] == BORDER_LABELS
+    assert run["settings"]["tokenizer"]["num_classes"] == 3  # the K-way tokenizer
+    assert snapshot(dataset) == real
+
+    res = synthesize(tmp_path / "run", "525")
+    assert res.exit_code == 0, res.output
+    synthetic = check_written(dataset, 525, real)
+    assert label_values(dataset, synthetic) <= set(BORDER_LABELS.values())  # the dataset's own label ids
+    for case in synthetic:
+        assert np.asarray(Image.open(dataset / "labelsTr" / f"{case}.png")).shape == (32, 32)
+
+    # 3-class masks do not go into a binary dataset: refused, nothing written
+    binary = make_dataset(nnunet_dirs["raw"], "Dataset526_Binary", "png")
+    before = snapshot(binary)
+    res = synthesize(tmp_path / "run", "526")
+    assert res.exit_code == 2 and "mask classes" in " ".join(res.output.split()), res.output
+    assert snapshot(binary) == before
+
+    # a new dataset is made with the generator's classes; the filter scores each class too
+    res = runner.invoke(app, ["synthesize", "--model", str(tmp_path / "run"), "--into", "Dataset527_NewBorder",
+                              "--n", "4", "--batch-size", "4", "--min-agreement", "0"])
+    assert res.exit_code == 0, res.output
+    new = nnunet_dirs["raw"] / "Dataset527_NewBorder"
+    assert json.loads((new / "dataset.json").read_text())["labels"] == BORDER_LABELS
+    verify(new)
+    manifest = json.loads((new / "pathar_aug_manifest.json").read_text())
+    for entry in manifest["cases"].values():
+        assert set(entry["scores"]["class_agreement"]) == {"interior", "border"}
+
+
+def test_border_mode_from_instance_mask_folders(nnunet_dirs, tmp_path, one_thread):
+    images, masks = tmp_path / "data" / "images", tmp_path / "data" / "masks"
+    images.mkdir(parents=True)
+    masks.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(N_CASES):
+        rgb, instances = touching_nuclei(SIZE, rng, n=6)
+        Image.fromarray(rgb).save(images / f"cell{i:02d}.png")
+        Image.fromarray(instances.astype(np.uint16)).save(masks / f"cell{i:02d}.png")  # 16-bit instance ids
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["train", "--images", str(images), "--masks", str(masks), "--mask-mode", "border",
+                              "--preset", "tiny", "--tokenizer-steps", "2", "--prior-steps", "2", "--out", str(out),
+                              "--quiet", "--val-fraction", "0.2"])
+    assert res.exit_code == 0, res.output
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert settings["mask_mode"] == "border" and settings["classes"] == BORDER_LABELS
+    patches = __import__("torch").load(out / "data" / "patches.pt", weights_only=False)["train"]
+    assert set(patches.masks.unique().tolist()) == {0, 1, 2}  # instance masks became border maps
+
+    res = synthesize(out, "528")
+    assert res.exit_code == 0, res.output
+    dataset = nnunet_dirs["raw"] / "Dataset528_PatharAug"
+    assert json.loads((dataset / "dataset.json").read_text())["labels"] == BORDER_LABELS
+    cases = sorted(json.loads((dataset / "dataset.json").read_text())["dataset"])
+    assert len(cases) == 4 and label_values(dataset, cases) <= {0, 1, 2}
+    verify(dataset)
+
+    # a resumed run keeps its mask mode
+    res = runner.invoke(app, ["train", "--out", str(out), "--resume", "--quiet", "--mask-mode", "classes"])
+    assert res.exit_code == 2 and "--mask-mode" in res.output, res.output

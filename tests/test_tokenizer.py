@@ -1,5 +1,6 @@
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -163,3 +164,89 @@ def test_shuffled_appearance_only_in_training():
         assert not torch.equal(model(images, masks)["image"], model(images, masks)["image"])
     with pytest.raises(ValueError, match="appearance_shuffle"):
         from_preset(TOKENIZER_PRESETS, "tiny", appearance_shuffle=1.5)
+
+
+# ---------------------------------------------------------------------- multi-class masks
+def test_k_way_tokenizer_shapes_and_loss():
+    cfg = dataclasses.replace(TOKENIZER_PRESETS["tiny"], num_classes=3)
+    model = DualVQTokenizer(cfg)
+    p, (h, w) = cfg.patch_size, cfg.grid
+    assert model.structure_encoder.net[0].in_channels == 3  # one-hot classes in
+    assert model.mask_decoder.net[-1].out_channels == 3  # one logit per class out
+    images = torch.randint(0, 256, (4, 3, p, p), dtype=torch.uint8)
+    masks = torch.randint(0, 3, (4, 1, p, p), dtype=torch.uint8)
+    out = model(images, masks)
+    assert out["mask_logits"].shape == (4, 3, p, p) and out["structure_tokens"].shape == (4, h, w)
+    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    # L_seg is cross-entropy + soft Dice over the foreground classes
+    from pathar_aug.tokenizer import class_dice_loss
+
+    logits, target = out["mask_logits"].float(), masks[:, 0].long()
+    expected = torch.nn.functional.cross_entropy(logits, target) + class_dice_loss(logits, target)
+    torch.testing.assert_close(out["seg"], expected)
+    out["loss"].backward()
+    assert model.structure_encoder.net[0].weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        s, a = model.encode(images, masks)
+        img, msk = model.decode(s, a)
+    assert img.shape == (4, 3, p, p) and msk.shape == (4, 1, p, p) and msk.dtype == torch.uint8
+    assert set(msk.unique().tolist()) <= {0, 1, 2}
+    assert torch.equal(msk, model.decode_mask_logits(s).argmax(1, keepdim=True).to(torch.uint8))
+    with pytest.raises(ValueError, match="num_classes"):
+        dataclasses.replace(cfg, num_classes=1)
+
+
+def test_binary_tokenizer_keeps_bce_and_dice_on_one_channel():
+    cfg = TOKENIZER_PRESETS["tiny"]
+    assert cfg.num_classes == 2 and cfg.mask_channels == 1
+    model = DualVQTokenizer(cfg)
+    assert model.structure_encoder.net[0].in_channels == 1 and model.mask_decoder.net[-1].out_channels == 1
+    p = cfg.patch_size
+    images = torch.randint(0, 256, (2, 3, p, p), dtype=torch.uint8)
+    masks = (torch.rand(2, 1, p, p) > 0.5).to(torch.uint8)
+    out = model(images, masks)
+    from pathar_aug.tokenizer import dice_loss
+
+    logits, m = out["mask_logits"].float(), masks.float()
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, m) + dice_loss(logits, m)
+    assert out["mask_logits"].shape == (2, 1, p, p)
+    torch.testing.assert_close(out["seg"], expected)
+
+
+def test_binary_checkpoint_without_num_classes_loads(tmp_path):
+    """Checkpoints written before multi-class masks existed have no num_classes: they are binary."""
+    from pathar_aug.config import to_dict
+    from pathar_aug.training import save_checkpoint
+
+    cfg = TOKENIZER_PRESETS["tiny"]
+    model = DualVQTokenizer(cfg)
+    config = to_dict(cfg)
+    del config["num_classes"]
+    save_checkpoint(tmp_path / "tokenizer.pt", model=model.state_dict(), optimizer={}, step=cfg.steps,
+                    config=config, label_names=["nuclei"])
+    loaded = load_tokenizer(tmp_path / "tokenizer.pt")
+    assert loaded.cfg.num_classes == 2
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+
+
+def test_k_way_tokenizer_learns_class_maps(tmp_path):
+    from pathar_aug.ingest import Sample
+    from pathar_aug.mask_classes import BORDER_CLASSES, class_samples
+    from tests.conftest import touching_nuclei
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(6):
+        image, instances = touching_nuclei(32, rng, n=4, radius=(4, 7))
+        samples.append(Sample(f"s{i}", image, instances, "nuclei", tmp_path / f"s{i}.png", tmp_path / f"m{i}.png"))
+    patches = make_patches(class_samples(samples, BORDER_CLASSES, "border"), 32)
+    assert set(patches.masks.unique().tolist()) == {0, 1, 2}
+    cfg = dataclasses.replace(TOKENIZER_PRESETS["tiny"], num_classes=3, steps=40, ckpt_every=40)
+    device = torch.device("cpu")
+    before = reconstruction_report(DualVQTokenizer(cfg), patches, device)["nuclei"]
+    ckpt = train_tokenizer(patches, tmp_path / "run", cfg, device, show_progress=False)
+    after = reconstruction_report(load_tokenizer(ckpt), patches, device)["nuclei"]
+    assert {"mask_dice_class1", "mask_dice_class2", "baseline_mask_dice_class2"} <= set(after)
+    assert after["mask_dice"] > before["mask_dice"] and after["mask_dice_class1"] > before["mask_dice_class1"]

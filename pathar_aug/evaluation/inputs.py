@@ -169,7 +169,7 @@ def tile_pairs(samples: list[Sample], patch: int) -> dict[str, list[Pair]]:
     return dict(out)
 
 
-def _nnunet_samples(dataset: Path, real_labels: Sequence[str]) -> tuple[list[Sample], str]:
+def _nnunet_samples(dataset: Path, real_labels: Sequence[str], keep_values: bool = False) -> tuple[list[Sample], str]:
     cases = list_cases(dataset)
     synthetic = synthetic_cases(dataset)
     if synthetic:
@@ -187,7 +187,7 @@ def _nnunet_samples(dataset: Path, real_labels: Sequence[str]) -> tuple[list[Sam
         for p in (image_path, mask_path):
             if not p.is_file():
                 raise IngestError(f"{dataset}: case '{case}' lists {p}, which does not exist")
-        image, mask = read_image(image_path), read_mask(mask_path)
+        image, mask = read_image(image_path), read_mask(mask_path, keep_values)
         if image.shape[:2] != mask.shape:
             raise IngestError(f"{mask_path}: mask size differs from its image")
         samples.append(Sample(case, image, mask, label, image_path, mask_path))
@@ -196,20 +196,21 @@ def _nnunet_samples(dataset: Path, real_labels: Sequence[str]) -> tuple[list[Sam
     return samples, what
 
 
-def load_synthetic(folder: Path, real_labels: Sequence[str]) -> tuple[list[Sample], str]:
+def load_synthetic(folder: Path, real_labels: Sequence[str], keep_values: bool = False) -> tuple[list[Sample], str]:
     """Pairs already written: an nnU-Net raw dataset (its synthetic cases, or all cases if it has
-    none) or a folder with images/ and masks/ (labels: labels.csv, subfolders, or the only label)."""
+    none) or a folder with images/ and masks/ (labels: labels.csv, subfolders, or the only label).
+    ``keep_values``: masks keep their class ids (multi-class runs)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise IngestError(f"{folder}: --synthetic folder does not exist")
     if (folder / "dataset.json").is_file():
-        return _nnunet_samples(folder, real_labels)
+        return _nnunet_samples(folder, real_labels, keep_values)
     images, masks = folder / "images", folder / "masks"
     if not images.is_dir() or not masks.is_dir():
         raise IngestError(f"{folder}: expected an nnU-Net raw dataset (dataset.json, imagesTr, labelsTr) "
                           "or a folder with images/ and masks/ subfolders")
     csv_path = folder / "labels.csv"
-    samples = load_pairs(images, masks, csv_path if csv_path.is_file() else None)
+    samples = load_pairs(images, masks, csv_path if csv_path.is_file() else None, keep_values=keep_values)
     if {s.label for s in samples} == {DEFAULT_LABEL} and len(real_labels) == 1:
         for s in samples:
             s.label = real_labels[0]

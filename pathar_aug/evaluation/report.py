@@ -5,6 +5,11 @@ The result is a long table, one row per (label, set, feature_space, metric), so 
 sets. ``feature_space`` says where a number was computed: an extractor's name for FID / KID /
 precision / recall / mean_pairwise_l2, the classifier for style_score, the LPIPS variant for
 lpips, ``masks`` for structure statistics and ``segmenter`` for image-mask Dice.
+
+Multi-class masks (``EvalConfig.mask_classes`` with K > 2 names): the segmenter is K-way, each
+foreground class gets its own image-mask Dice row (``image_mask_dice_<class>``) beside the
+foreground Dice, and structure statistics count the nuclei of the class maps
+(``mask_classes.class_instances``).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from scipy import ndimage
 
 from nnunet_integration.names import file_part
 
+from ..mask_classes import class_instances
 from ..preview import save_grid as preview_grid
 from ..reporter import Reporter, reporter_for
 from .distribution import fid, kid, precision_recall
@@ -75,6 +81,20 @@ class EvalConfig:
     seed: int = 0
     # the filtered model set keeps pairs reaching this agreement (None: the run filter's own threshold)
     filter_min_agreement: float | None = None
+    # a multi-class run's class names (K > 2; empty: binary) and mask mode ("classes" or "border")
+    mask_classes: tuple[str, ...] = ()
+    mask_mode: str = "classes"
+
+    @property
+    def classes(self) -> int:
+        """Mask classes the segmenter separates: 2 (binary) or K."""
+        return max(2, len(self.mask_classes))
+
+
+def ideal_of(metric: str) -> str:
+    if metric.startswith("image_mask_dice_"):  # one per foreground class
+        return IDEAL["image_mask_dice"]
+    return IDEAL.get(metric, "")
 
 
 def default_extractors(style_classifier: StyleClassifier | None) -> list[FeatureExtractor]:
@@ -120,11 +140,13 @@ def _cached_segmenter(real: Mapping[str, list[Pair]], cfg: EvalConfig, cache_dir
     pairs = [p for label in sorted(real) for p in real[label]]
     path = None
     if cache_dir is not None:
-        key = _model_key([a for p in pairs for a in p], cfg.segmenter, "")
+        key = _model_key([a for p in pairs for a in p], cfg.segmenter,
+                         "" if cfg.classes == 2 else "classes:" + ",".join(cfg.mask_classes))
         path = cache_dir / f"segmenter-{key}.pt"
         if path.is_file():
             return Segmenter.load(path, cfg.device)
-    seg = Segmenter.fit(pairs, cfg.segmenter, cfg.device, reporter=reporter_for(reporter, progress=cfg.progress))
+    seg = Segmenter.fit(pairs, cfg.segmenter, cfg.device, reporter=reporter_for(reporter, progress=cfg.progress),
+                        classes=cfg.classes)
     if path is not None:
         seg.save(path)
     return seg
@@ -184,7 +206,13 @@ def evaluate_sets(
 
     def add(label: str, set_name: str, space: str, metric: str, value: float, n_real: int, n_gen: int) -> None:
         rows.append(dict(label=label, set=set_name, feature_space=space, metric=metric, value=float(value),
-                         n_real=n_real, n_gen=n_gen, ideal="reference" if set_name == REAL else IDEAL.get(metric, "")))
+                         n_real=n_real, n_gen=n_gen, ideal="reference" if set_name == REAL else ideal_of(metric)))
+
+    def stats_masks(pairs: Sequence[Pair]) -> list[np.ndarray]:
+        """Masks as structure statistics count nuclei: class maps of a multi-class run as instances."""
+        if cfg.classes == 2:
+            return [p[1] for p in pairs]
+        return [class_instances(p[1], cfg.mask_mode) for p in pairs]
 
     n_jobs = sum(1 + sum(label in sets for sets in gen_n.values()) for label in real_n)
     with reporter.task("evaluate", total=n_jobs) as task:
@@ -194,7 +222,7 @@ def evaluate_sets(
             nr = len(r_pairs)
             task.update(info=f"{label} / {REAL}")
             r_feats = {e.name: extract_cached(e, r_imgs, feat_cache) for e in extractors}
-            r_stats = mask_stats([p[1] for p in r_pairs], cfg.min_area, cfg.full_threshold)
+            r_stats = mask_stats(stats_masks(r_pairs), cfg.min_area, cfg.full_threshold)
             # the real set's own descriptive values: the reference for every "≈ real" metric
             for e in extractors:
                 add(label, REAL, e.name, "mean_pairwise_l2",
@@ -231,12 +259,16 @@ def evaluate_sets(
                 if lpips is not None:
                     value, _ = lpips.mean_pairwise(g_imgs, cfg.lpips_max_images, cfg.lpips_image_size, seed=cfg.seed)
                     add(label, set_name, lpips.name, "lpips", value, nr, ng)
-                g_stats = mask_stats([p[1] for p in g_pairs], cfg.min_area, cfg.full_threshold)
+                g_stats = mask_stats(stats_masks(g_pairs), cfg.min_area, cfg.full_threshold)
                 for metric, value in {**compare_mask_stats(r_stats, g_stats), **g_stats.summary()}.items():
                     add(label, set_name, "masks", metric, value, nr, ng)
                 if segmenter is not None:
                     dice = float(np.mean(segmenter.dice_against(g_pairs)))
                     add(label, set_name, "segmenter", "image_mask_dice", dice, nr, ng)
+                    if segmenter.classes > 2:
+                        per_class = segmenter.class_dice_against(g_pairs).mean(axis=0)
+                        for name, value in zip(cfg.mask_classes[1:], per_class):
+                            add(label, set_name, "segmenter", f"image_mask_dice_{name}", value, nr, ng)
                     if set_name == SWAP:  # on swapped tokens: do the images follow their structure?
                         add(label, set_name, "segmenter", "swap_consistency", dice, nr, ng)
                 task.advance(1)

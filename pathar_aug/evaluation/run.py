@@ -30,6 +30,7 @@ import torch
 
 from ..ingest import Sample, load_dataset_pairs, load_pairs
 from ..generator import Generator, load_generator
+from ..mask_classes import BINARY, class_samples
 from ..pipeline import RunInfo
 from ..reporter import Log, Reporter, reporter_for
 from ..sampler import SamplingConfig
@@ -152,10 +153,14 @@ def _load(model, images, masks, labels_csv, out, n, features, synthetic, config,
             log(f"real images: the folders the model was trained on ({images}, {masks})")
     if images is None or masks is None:
         raise ValueError("give --images and --masks (the real pairs to compare with)")
+    classes, mask_mode = (run.mask_classes, run.settings.mask_mode) if run is not None else (BINARY, "classes")
     if run is not None and run.settings.dataset is not None and images == Path(run.settings.images):
         samples = load_dataset_pairs(run.settings.dataset)  # the nnU-Net dataset the model was trained on
-    else:
-        samples = load_pairs(images, masks, labels_csv)  # IngestError: missing folders, unpaired files ...
+    else:  # IngestError: missing folders, unpaired files ...
+        samples = load_pairs(images, masks, labels_csv, keep_values=classes.keeps_values(mask_mode))
+    samples = class_samples(samples, classes, mask_mode)  # real masks as the run's classes
+    if not classes.binary:
+        cfg = dataclasses.replace(cfg, mask_classes=classes.names, mask_mode=mask_mode)
     real_labels = sorted({s.label for s in samples})
     if generator is not None:
         for label in real_labels:
@@ -165,7 +170,8 @@ def _load(model, images, masks, labels_csv, out, n, features, synthetic, config,
             raise ValueError(f"--patch-size {patch_size} differs from the model's patch size {patch}")
     syn_samples, syn_what = None, ""
     if synthetic is not None:
-        syn_samples, syn_what = load_synthetic(Path(synthetic), real_labels)
+        syn_samples, syn_what = load_synthetic(Path(synthetic), real_labels, keep_values=not classes.binary)
+        syn_samples = class_samples(syn_samples, classes)  # written masks hold class ids already
         unknown = sorted({s.label for s in syn_samples} - set(real_labels))
         if unknown:
             raise ValueError(f"--synthetic holds label(s) {unknown} that the real images lack (they have "

@@ -3,6 +3,10 @@
 The Dice between its prediction on a generated image and the mask generated with that image says
 whether the pair is coherent (the mask outlines the nuclei the image shows). Its Dice on held-out
 real pairs (``val_dice``, or a "real held-out" set) is the ceiling to read generated numbers against.
+
+With K > 2 mask classes (``classes``) the network has K logits per pixel and predicts class maps;
+``dice_against`` stays the foreground (any class but background) Dice, ``class_dice_against`` gives
+one Dice per foreground class.
 """
 from __future__ import annotations
 
@@ -16,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..device import resolve_device
-from ..metrics import binary_dice
+from ..metrics import binary_dice, class_dices
 from ..reporter import Reporter, reporter_for
-from ..tokenizer import dice_loss
+from ..tokenizer import class_dice_loss, dice_loss
 from .fitting import fingerprint, net_config, save_net, train_steps
 from .images import Pair, as_mask, as_uint8_rgb, batched, images_to_tensor
 
@@ -42,15 +46,16 @@ def _conv(cin: int, cout: int) -> nn.Sequential:
 
 
 class SmallUNet(nn.Module):
-    """Three-level U-Net (width, 2w, 4w) with a 4w bottleneck; one foreground logit per pixel."""
+    """Three-level U-Net (width, 2w, 4w) with a 4w bottleneck; one foreground logit per pixel
+    (``classes`` > 2: one logit per class)."""
 
-    def __init__(self, width: int = 16):
+    def __init__(self, width: int = 16, classes: int = 2):
         super().__init__()
         w = width
         self.enc = nn.ModuleList([_conv(3, w), _conv(w, 2 * w), _conv(2 * w, 4 * w)])
         self.mid = _conv(4 * w, 4 * w)
         self.up = nn.ModuleList([_conv(8 * w, 2 * w), _conv(4 * w, w), _conv(2 * w, w)])
-        self.out = nn.Conv2d(w, 1, 1)
+        self.out = nn.Conv2d(w, 1 if classes == 2 else classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = (x - 0.5) / 0.25
@@ -63,10 +68,16 @@ class SmallUNet(nn.Module):
         for up, skip in zip(self.up, reversed(skips)):
             h = F.interpolate(h, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             h = up(torch.cat([h, skip], 1))
-        return self.out(h)[:, 0]
+        out = self.out(h)
+        return out[:, 0] if out.shape[1] == 1 else out
 
 
-def _masks_to_tensor(masks: Sequence[np.ndarray], size: int) -> torch.Tensor:
+def _masks_to_tensor(masks: Sequence[np.ndarray], size: int, classes: int = 2) -> torch.Tensor:
+    if classes > 2:  # class maps: nearest resampling keeps them class maps
+        t = torch.stack([torch.from_numpy(as_mask(m).astype(np.float32)) for m in masks])[:, None]
+        if t.shape[-2:] != (size, size):
+            t = F.interpolate(t, size=(size, size), mode="nearest")
+        return t[:, 0]
     t = torch.stack([torch.from_numpy((as_mask(m) > 0).astype(np.float32)) for m in masks])[:, None]
     if t.shape[-2:] != (size, size):
         t = F.interpolate(t, size=(size, size), mode="area")
@@ -89,12 +100,13 @@ def _random_crops(
 
 
 class Segmenter:
-    """Foreground segmenter with fit / predict / dice / save / load."""
+    """Foreground (or K-class) segmenter with fit / predict / dice / save / load."""
 
-    def __init__(self, config: SegmenterConfig | None = None, device: str | None = "auto"):
+    def __init__(self, config: SegmenterConfig | None = None, device: str | None = "auto", classes: int = 2):
         self.config = config or SegmenterConfig()
         self.device = resolve_device(device)
-        self.net = SmallUNet(self.config.width).to(self.device).eval()
+        self.classes = classes
+        self.net = SmallUNet(self.config.width, classes).to(self.device).eval()
         self.val_dice: float | None = None
         self.n_train = 0
 
@@ -106,8 +118,10 @@ class Segmenter:
         device: str | None = "auto",
         progress: bool = True,
         reporter: Reporter | None = None,
+        classes: int = 2,
     ) -> "Segmenter":
-        self = cls(config, device)
+        """Train on real pairs; ``classes`` > 2: masks are class maps 0 .. classes-1."""
+        self = cls(config, device, classes)
         cfg = self.config
         pairs = list(pairs)
         if len(pairs) < 2:
@@ -119,15 +133,15 @@ class Segmenter:
         train = [pairs[i] for i in order[n_val:]]
         self.n_train = len(train)
         x_all = (images_to_tensor([p[0] for p in train], cfg.image_size) * 255).round().to(torch.uint8)
-        y_all = _masks_to_tensor([p[1] for p in train], cfg.image_size).to(torch.uint8)
+        y_all = _masks_to_tensor([p[1] for p in train], cfg.image_size, classes).to(torch.uint8)
 
         torch.manual_seed(cfg.seed)
-        self.net = SmallUNet(cfg.width).to(self.device)
+        self.net = SmallUNet(cfg.width, classes).to(self.device)
 
         def loss_of_batch(gen: torch.Generator) -> torch.Tensor:
             idx = torch.randint(len(x_all), (cfg.batch_size,), generator=gen)
             x, y = _random_crops(x_all[idx], y_all[idx], cfg.crop, gen)
-            x, y = x.float().div_(255.0), y.float()
+            x, y = x.float().div_(255.0), (y.long() if classes > 2 else y.float())
             if torch.rand(1, generator=gen).item() < 0.5:
                 x, y = x.flip(-1), y.flip(-1)
             if torch.rand(1, generator=gen).item() < 0.5:
@@ -138,6 +152,8 @@ class Segmenter:
             x = (x * gain + bias).clamp(0, 1).to(self.device)
             y = y.to(self.device)
             logits = self.net(x)
+            if classes > 2:
+                return F.cross_entropy(logits, y) + class_dice_loss(logits, y)
             return F.binary_cross_entropy_with_logits(logits, y) + dice_loss(logits, y)
 
         train_steps(self.net, loss_of_batch, cfg.steps, cfg.lr, cfg.weight_decay, 0.1, cfg.seed,
@@ -148,19 +164,24 @@ class Segmenter:
 
     @torch.no_grad()
     def predict_proba(self, images: Sequence[np.ndarray], batch_size: int = 16) -> list[np.ndarray]:
-        """Foreground probability per image, at each image's own resolution."""
+        """Foreground probability per image (K classes: K x H x W class probabilities), at each
+        image's own resolution."""
         images = [as_uint8_rgb(i) for i in images]
         out: list[np.ndarray] = []
         for sl in batched(len(images), batch_size):
             x = images_to_tensor(images[sl], self.config.image_size).to(self.device)
-            prob = self.net(x).sigmoid()[:, None].float().cpu()
+            logits = self.net(x)
+            prob = (logits.softmax(1) if self.classes > 2 else logits.sigmoid()[:, None]).float().cpu()
             for img, p in zip(images[sl], prob):
                 if p.shape[-2:] != img.shape[:2]:
                     p = F.interpolate(p[None], size=img.shape[:2], mode="bilinear", align_corners=False)[0]
-                out.append(p[0].numpy())
+                out.append(p.numpy() if self.classes > 2 else p[0].numpy())
         return out
 
     def predict(self, images: Sequence[np.ndarray], threshold: float = 0.5) -> list[np.ndarray]:
+        """Foreground masks (K classes: uint8 class maps, the most probable class per pixel)."""
+        if self.classes > 2:
+            return [p.argmax(0).astype(np.uint8) for p in self.predict_proba(images)]
         return [p > threshold for p in self.predict_proba(images)]
 
     def dice_against(self, pairs: Sequence[Pair]) -> np.ndarray:
@@ -169,17 +190,26 @@ class Segmenter:
         preds = self.predict([p[0] for p in pairs])
         return np.asarray([binary_dice(pr, as_mask(m)) for pr, (_, m) in zip(preds, pairs)])
 
+    def class_dice_against(self, pairs: Sequence[Pair]) -> np.ndarray:
+        """Dice per foreground class, pairs x (classes - 1): class c of the prediction against
+        class c of the mask (1.0 where both lack the class)."""
+        pairs = list(pairs)
+        preds = self.predict([p[0] for p in pairs])
+        return np.asarray([class_dices(pr, as_mask(m), self.classes) for pr, (_, m) in zip(preds, pairs)]
+                          ).reshape(len(pairs), self.classes - 1)
+
     @property
     def fingerprint(self) -> str:
         return fingerprint(self.net, b"segmenter")
 
     def save(self, path: str | Path) -> None:
-        save_net(path, self.net, config=dataclasses.asdict(self.config), val_dice=self.val_dice, n_train=self.n_train)
+        save_net(path, self.net, config=dataclasses.asdict(self.config), val_dice=self.val_dice, n_train=self.n_train,
+                 classes=self.classes)
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = "auto") -> "Segmenter":
         state = torch.load(Path(path), map_location="cpu", weights_only=True)
-        self = cls(SegmenterConfig(**state["config"]), device)
+        self = cls(SegmenterConfig(**state["config"]), device, int(state.get("classes", 2)))
         self.net.load_state_dict(state["state_dict"])
         self.net.eval()
         self.val_dice = state["val_dice"]

@@ -54,9 +54,13 @@ def cached_pairs(cache: Path | None, key_data: dict,
     return list(zip(imgs, msks)), False
 
 
-def _to_tensors(pairs: Sequence[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_tensors(pairs: Sequence[Pair], tokenizer=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and masks as the tokenizer reads them: binary masks, or a multi-class tokenizer's class ids."""
     images = torch.from_numpy(np.stack([p[0] for p in pairs])).permute(0, 3, 1, 2).contiguous()
-    masks = torch.from_numpy(np.stack([(np.asarray(p[1]) > 0).astype(np.uint8) for p in pairs]))[:, None]
+    if tokenizer is not None and tokenizer.cfg.num_classes > 2:
+        masks = torch.from_numpy(np.stack([np.asarray(p[1]).astype(np.uint8) for p in pairs]))[:, None]
+    else:
+        masks = torch.from_numpy(np.stack([(np.asarray(p[1]) > 0).astype(np.uint8) for p in pairs]))[:, None]
     return images, masks
 
 
@@ -64,7 +68,7 @@ def _to_tensors(pairs: Sequence[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
 def reconstruct(tokenizer, pairs: Sequence[Pair], device: torch.device, batch_size: int = 64
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode and decode real pairs with the run's tokenizer."""
-    images, masks = _to_tensors(pairs)
+    images, masks = _to_tensors(pairs, tokenizer)
     out_i, out_m = [], []
     for start in range(0, len(images), batch_size):
         s, a = tokenizer.encode(images[start:start + batch_size].to(device), masks[start:start + batch_size].to(device))
@@ -79,8 +83,8 @@ def swap_pairs(tokenizer, structure: Sequence[Pair], appearance: Sequence[Pair],
                batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Paper Fig. 6: the image decoded from the structure tokens of ``structure[i]`` and the
     appearance tokens of ``appearance[i]``, with the mask decoded from that structure alone."""
-    s_images, s_masks = _to_tensors(structure)
-    a_images, a_masks = _to_tensors(appearance)
+    s_images, s_masks = _to_tensors(structure, tokenizer)
+    a_images, a_masks = _to_tensors(appearance, tokenizer)
     out_i, out_m = [], []
     for start in range(0, len(s_images), batch_size):
         sl = slice(start, start + batch_size)

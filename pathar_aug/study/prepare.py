@@ -217,6 +217,10 @@ def prepare(settings: BenchmarkSettings, out: str | Path, device: torch.device, 
     needs_generator = any(g.kind in (KIND_GENERATED, KIND_RENDERED, KIND_FILTERED) for g in groups)
     generator = None
     if settings.model:
+        classes = RunInfo.load(settings.model).mask_classes
+        if not classes.binary:  # the study's datasets, nnU-Net models and scores are binary
+            raise RunError(f"--model {settings.model} makes {classes.k}-class masks ({classes.describe()}); the "
+                           "benchmark measures binary segmentation: use a binary run")
         generator = load_generator(settings.model, device) if needs_generator else None
         patch = generator.patch_size if generator else RunInfo.load(settings.model).settings.tokenizer.patch_size
     else:
