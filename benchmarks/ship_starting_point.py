@@ -6,8 +6,8 @@ Exports benchmarks/work/dsb2018_cpu (finished: tokenizer, prior, filter, samplin
 pathar_aug/starting_points/dsb2018: weights in float16 without optimizer states, labels renamed to
 plain modality names (brightfield_gray -> brightfield, histology_stained -> histology), and
 starting_point.json with the run's training settings, its training minutes and the held-out
-figures measured on it (benchmarks/results: tokenizer_recon.json, prior_heldout_nll.json,
-generation_quality.csv). An existing starting point is replaced only with --replace, after the
+figures measured on it (benchmarks/results: tokenizer_recon.json, generation_quality.csv; the
+prior's own held-out curve). An existing starting point is replaced only with --replace, after the
 old and new figures are printed side by side: replace it only when a measured figure improves.
 """
 from __future__ import annotations
@@ -53,7 +53,8 @@ def describe(run) -> dict:
     tok = load_checkpoint(run / "tokenizer" / "tokenizer.pt")
     prior = load_checkpoint(run / "prior" / "prior.pt")
     recon = json.loads((RESULTS / "tokenizer_recon.json").read_text())
-    nll = json.loads((RESULTS / "prior_heldout_nll.json").read_text())
+    with (run / "prior" / "prior_heldout_curve.csv").open() as f:
+        last = list(csv.DictReader(f))[-1]  # the held-out NLL at the prior's last step
     return {
         "source": "DSB2018 stage 1 training set, community-fixed (BBBC038; Caicedo et al., Nature Methods 2019), "
                   f"CC0 1.0: {int((1 - VAL_FRACTION) * 100)} % of each modality's source images; the other "
@@ -65,12 +66,13 @@ def describe(run) -> dict:
         "heldout": {
             "tokenizer": {label: {k: round(v[k], 4) for k in ("mask_dice", "psnr", "baseline_psnr")}
                           for label, v in _renamed(recon).items() if isinstance(v, dict) and "psnr" in v},
-            "prior_nll_nats_per_token": nll["heldout_nll_nats_per_token"],
+            "prior_nll_nats_per_token": {"structure": round(float(last["heldout_structure_nll"]), 4),
+                                         "appearance": round(float(last["heldout_appearance_nll"]), 4),
+                                         "at_step": int(last["step"])},
             "generation_quality": _quality_figures(),
         },
         "commands": ["python -m benchmarks.tokenizer_recon --preset cpu",
                      "pathar-aug train --out benchmarks/work/dsb2018_cpu --resume",
-                     "python -m benchmarks.prior_samples --preset cpu",
                      "python -m benchmarks.generation_quality --n 200",
                      "python -m benchmarks.ship_starting_point"],
         "exported": time.strftime("%Y-%m-%d"),
