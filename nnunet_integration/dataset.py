@@ -59,6 +59,7 @@ from nnunet_integration.cases import (  # noqa: F401 - re-exported: the reading 
     synthetic_cases,
 )
 from nnunet_integration.formats import (
+    REAL_FIX,
     dataset_format,
     encode_case,
     mask_labels_fit,
@@ -406,11 +407,13 @@ def write_real_cases(
     sources: Mapping[str, Any] | None = None,
     source_channels: int = 3,
     convert: str | None = None,
+    mask_labels: Mapping[str, int] | None = None,
 ) -> list[str]:
     """Write real ``(name, image uint8 HxWx3, mask HxW)`` pairs as plain cases; returns the names written.
 
     Files follow the dataset's format, as in ``write_cases`` (``source_channels``, ``convert``: see
-    there). Every pair is checked before a file is written, and no file is ever replaced: a case whose
+    there); masks hold label ids of the dataset (0/1, or 0/255, for a binary one). ``mask_labels``
+    (name -> id), the classes of K > 2 class masks, must be the dataset's labels. Every pair is checked before a file is written, and no file is ever replaced: a case whose
     name or files exist already is an error (``sources``, name -> where the pair came from, is
     named in it). With ``resume`` the cases the dataset lists already are skipped, and the files
     of a case it does not list yet (left by a killed call) are written again. Real cases come
@@ -425,6 +428,8 @@ def write_real_cases(
         dj, _ = read_dataset_json(dataset_dir)
         fmt = dataset_format(dataset_dir, dj)
         source_channels_fit(fmt, source_channels, convert)
+        if mask_labels is not None:
+            mask_labels_fit(fmt, mask_labels, "the real", REAL_FIX)
         listed = set(list_cases(dataset_dir, dj))
         todo = [c for c in cases if c[0] not in listed] if resume else list(cases)
         if todo or not resume:
@@ -434,7 +439,8 @@ def write_real_cases(
                 if name in listed or (not resume and any((dataset_dir / rel).exists() for rel in fmt.files(name))):
                     where = f"{sources[name]}: " if name in sources else ""
                     raise FileExistsError(f"{where}case '{name}' already exists in {dataset_dir}; nothing was written")
-            prepared = [(name, encode_case(name, *prepare_pair(name, image, mask), fmt, convert))
+            label_ids = tuple(fmt.labels.values())
+            prepared = [(name, encode_case(name, *prepare_pair(name, image, mask, label_ids), fmt, convert))
                         for name, image, mask in todo]
             published: list[Path] = []
             try:

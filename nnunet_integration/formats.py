@@ -242,11 +242,17 @@ def to_channels(image: np.ndarray, fmt: DatasetFormat, convert: str | None) -> n
 # ----------------------------------------------------------------------------- label ids
 
 
-def mask_labels_fit(fmt: DatasetFormat, mask_labels: Mapping[str, int] | None) -> None:
+GENERATOR_FIX = "train on data with the dataset's classes (the same names and ids)"
+REAL_FIX = "write them into a new dataset, or into one whose labels are those classes (the same names and ids)"
+
+
+def mask_labels_fit(fmt: DatasetFormat, mask_labels: Mapping[str, int] | None, whose: str = "the generator's",
+                    fix: str = GENERATOR_FIX) -> None:
     """Refuse masks whose classes are not the dataset's. ``mask_labels`` (name -> id, ids 0 .. K-1)
-    are the generator's classes; None or two of them is the binary generator (ids 0 / 1), which
-    a dataset with more than two labels does not take. With K > 2 classes the dataset's labels must
-    be the same names with the same ids: a mask id written under another name would be wrong."""
+    are the generator's classes (``whose`` and ``fix`` word the error for other masks, e.g. imported
+    ones); None or two of them is the binary generator (ids 0 / 1), which a dataset with more than
+    two labels does not take. With K > 2 classes the dataset's labels must be the same names with
+    the same ids: a mask id written under another name would be wrong."""
     theirs = dict(fmt.labels)
     binary = mask_labels is None or len(mask_labels) == 2
     if binary and len(theirs) > 2:
@@ -254,9 +260,8 @@ def mask_labels_fit(fmt: DatasetFormat, mask_labels: Mapping[str, int] | None) -
             f"the generator makes binary masks (background 0, nucleus 1); the dataset has {len(theirs)} labels "
             f"{theirs}: train a generator on this dataset's labels (`pathar-aug train --dataset`)")
     if not binary and dict(mask_labels) != theirs:
-        raise IncompatibleDatasetError(
-            f"the generator's mask classes {dict(mask_labels)} are not the dataset's labels {theirs}; "
-            "train on data with the dataset's classes (the same names and ids)")
+        raise IncompatibleDatasetError(f"{whose} mask classes {dict(mask_labels)} are not the dataset's labels {theirs}; "
+                                       f"{fix}")
 
 
 # ----------------------------------------------------------------------------- writing

@@ -73,8 +73,12 @@ def panoptic_quality(gt: np.ndarray, pred: np.ndarray, iou_threshold: float = 0.
     return float(iou[matched].sum() / (tp + 0.5 * fp + 0.5 * fn))
 
 
-def tile_scores(pred: np.ndarray, gt_instances: np.ndarray) -> dict[str, float]:
-    """Dice, AJI and PQ of one semantic prediction against a true instance map."""
-    pred_instances = instances_from_binary(pred)
+def tile_scores(pred: np.ndarray, gt_instances: np.ndarray, pred_instances: np.ndarray | None = None
+                ) -> dict[str, float]:
+    """Dice, AJI and PQ of one semantic prediction against a true instance map; the predicted nuclei
+    are ``pred_instances`` where given (e.g. recovered from a border map), else the connected
+    components of the prediction's foreground."""
+    if pred_instances is None:
+        pred_instances = instances_from_binary(pred)
     return {"dice": binary_dice(pred, gt_instances), "aji": aggregated_jaccard(gt_instances, pred_instances),
             "pq": panoptic_quality(gt_instances, pred_instances)}

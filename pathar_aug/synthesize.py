@@ -10,7 +10,8 @@ import torch
 
 from nnunet_integration.cases import IncompatibleDatasetError, committed_ids, read_dataset_json
 from nnunet_integration.dataset import SyntheticCasesPresent, write_chunks, write_real_cases
-from nnunet_integration.formats import NATURAL, DatasetFormat, dataset_format, mask_labels_fit, source_channels_fit
+from nnunet_integration.formats import (NATURAL, REAL_FIX, DatasetFormat, dataset_format, mask_labels_fit,
+                                        source_channels_fit)
 from nnunet_integration.manifest import SYNTHETIC_PREFIX, load_manifest, settings_batch_tag
 from nnunet_integration.names import case_part
 from nnunet_integration.paths import FILE_ENDING, DatasetResolutionError, preprocessed_dir, resolve_dataset
@@ -101,10 +102,11 @@ def plan_labels(generator: Generator, n: int, label: str | None, per_label: bool
 
 
 def _check_target(into: str, nnunet_raw: Path | None, source_channels: int = 3, channels: str | None = None,
-                  mask_labels: Mapping[str, int] | None = None) -> None:
+                  mask_labels: Mapping[str, int] | None = None, imported: bool = False) -> None:
     """Fail before anything is written: a raw root must exist, an existing dataset must take the
     generator's images (its format, its channels, unless ``channels`` converts them) and its masks
-    (``mask_labels``, the generator's classes: the dataset's labels; a new dataset is made with them)."""
+    (``mask_labels``, the generator's classes, or with ``imported`` those of a user's masks: the
+    dataset's labels; a new dataset is made with them)."""
     try:
         dataset = resolve_dataset(into, nnunet_raw, create=False)
     except DatasetResolutionError:
@@ -118,7 +120,10 @@ def _check_target(into: str, nnunet_raw: Path | None, source_channels: int = 3, 
     fmt = dataset_format(dataset, read_dataset_json(dataset)[0])
     source_channels_fit(fmt, source_channels, channels)
     if mask_labels is not None:
-        mask_labels_fit(fmt, mask_labels)
+        if imported:  # the user's own masks, not a generator's: another way out
+            mask_labels_fit(fmt, mask_labels, "the imported", REAL_FIX)
+        else:
+            mask_labels_fit(fmt, mask_labels)
 
 
 def synthesize_into(
@@ -312,24 +317,37 @@ def synthesize_into(
 
 
 def import_real(images: Path, masks: Path, into: str, labels_csv: Path | None = None,
-                nnunet_raw: Path | None = None, log: Log | None = None, reporter: Reporter | None = None) -> Path:
+                nnunet_raw: Path | None = None, log: Log | None = None, reporter: Reporter | None = None,
+                classes: str | None = None, mask_mode: str = "classes") -> Path:
     """Write a user's real pairs into a raw dataset: all files are read and checked first, no existing
-    case is overwritten, and dataset.json (numTraining) is replaced atomically at the end."""
+    case is overwritten, and dataset.json (numTraining) is replaced atomically at the end.
+
+    Masks are binary by default; ``classes`` (``name=id,...``) or ``mask_mode`` 'border' (instance
+    masks written as background / interior / border, as a border run's synthetic cases are) give
+    K classes (``mask_classes.resolve_classes``), which a new dataset takes as its labels and an
+    existing one must have already."""
+    from pathar_aug.mask_classes import class_samples, resolve_classes
+
     reporter = reporter_for(reporter, log)
-    samples = load_pairs(images, masks, labels_csv)
+    mask_classes = resolve_classes(classes, mask_mode)
+    samples = class_samples(load_pairs(images, masks, labels_csv, keep_values=mask_classes.keeps_values(mask_mode)),
+                            mask_classes, mask_mode)
     names = case_names(samples)
-    _check_target(into, nnunet_raw)
-    dataset = resolve_dataset(into, nnunet_raw, create=True)
+    mask_labels = None if mask_classes.binary else mask_classes.mapping()  # binary: any dataset, as before
+    _check_target(into, nnunet_raw, mask_labels=mask_labels, imported=True)
+    dataset = resolve_dataset(into, nnunet_raw, create=True, labels=mask_labels)
     try:
-        write_real_cases(dataset, [(names[s.name], s.image, s.binary_mask) for s in samples],
+        write_real_cases(dataset, [(names[s.name], s.image, s.mask if s.multiclass else s.binary_mask)
+                                   for s in samples],
                          labels={names[s.name]: s.label for s in samples},  # condition labels, for evaluate
-                         sources={names[s.name]: s.image_path for s in samples})
+                         sources={names[s.name]: s.image_path for s in samples}, mask_labels=mask_labels)
     except SyntheticCasesPresent:
         raise IncompatibleDatasetError(f"{dataset} holds synthetic cases; run `pathar-aug clean` first, "
                                        "import, then synthesize again") from None
     label_counts = {l: sum(s.label == l for s in samples) for l in sorted({s.label for s in samples})}
     reporter.log(f"{dataset}: imported {len(samples)} real cases "
-                 f"({', '.join(f'{k}: {v}' for k, v in label_counts.items())})")
+                 f"({', '.join(f'{k}: {v}' for k, v in label_counts.items())})"
+                 + ("" if mask_labels is None else f", masks as the classes {mask_classes.describe()}"))
     return dataset
 
 

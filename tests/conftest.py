@@ -70,6 +70,20 @@ def write_pair_folders(root: Path, n: int = 4, size: int = 48, labels: tuple[str
     return images, masks
 
 
+def write_instance_folders(root: Path, n: int = 4, size: int = 48, nuclei: int = 6, seed: int = 0
+                           ) -> tuple[Path, Path]:
+    """images/ and masks/ folders of PNG pairs of touching nuclei, the masks 16-bit instance ids."""
+    rng = np.random.default_rng(seed)
+    images, masks = root / "images", root / "masks"
+    images.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    for i in range(n):
+        image, instances = touching_nuclei(size, rng, n=nuclei)
+        Image.fromarray(image).save(images / f"cell{i:03d}.png")
+        Image.fromarray(instances.astype(np.uint16)).save(masks / f"cell{i:03d}.png")
+    return images, masks
+
+
 @pytest.fixture
 def pair_folders(tmp_path: Path) -> tuple[Path, Path]:
     return write_pair_folders(tmp_path)

@@ -277,3 +277,45 @@ def test_filtered_row_keeps_the_pairs_the_quality_filter_ranks_best(study, tmp_p
         assert counts["candidates"] == 3 * 3 and counts["kept"] <= 3 and counts["passed"] >= counts["kept"]
     # the filter the row used is the run's own
     assert QualityFilter.load(study.out / "generator").thresholds().keys() == set(LABELS)
+
+
+def test_border_study_reports_dice_per_class(tmp_path):
+    """A 3-class study from instance masks (--mask-mode border): the one dataset holds border maps
+    (real and synthetic) under dataset.json's labels, nnU-Net segments the three classes, the
+    report gives each class's Dice beside the foreground Dice, AJI and PQ."""
+    from nnunet_integration.dataset import list_cases
+    from pathar_aug.ingest import read_mask
+    from tests.conftest import write_instance_folders
+
+    images, masks = write_instance_folders(tmp_path / "data", n=8, size=64, nuclei=8)
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["benchmark", "--images", str(images), "--masks", str(masks), "--out", str(out),
+                              "--mask-mode", "border", *STUDY])
+    assert res.exit_code == 0, res.output
+    for ext in ("csv", "md", "png", "json"):
+        assert (out / f"dice_scaling.{ext}").is_file(), ext
+
+    dataset = out / "nnUNet_raw" / DATASET
+    assert json.loads((dataset / "dataset.json").read_text())["labels"] == {"background": 0, "interior": 1, "border": 2}
+    cases = list_cases(dataset)
+    values = {c: set(np.unique(read_mask(dataset / v["label"], keep_values=True)).tolist()) for c, v in cases.items()}
+    assert all(v <= {0, 1, 2} for v in values.values())
+    assert any(2 in v for c, v in values.items() if c.startswith("pathar_gen-"))  # synthetic border maps
+    assert any(2 in v for c, v in values.items() if not c.startswith("pathar_"))  # real ones
+    with np.load(next((out / "groups").glob("*/predictions.npz"))) as f:
+        assert set().union(*(np.unique(f[k]).tolist() for k in f.files)) <= {0, 1, 2}
+
+    with (out / "dice_scaling.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["group"] for r in rows] == ["I", "II"]
+    for r in rows:
+        for metric in ("dice", "aji", "pq", "dice_interior", "dice_border"):
+            assert 0.0 <= float(r[metric]) <= 1.0, (metric, r)
+    assert "dice_border_delta_vs_I" in rows[0] and "dice_background" not in rows[0]
+    table = (out / "dice_scaling.md").read_text()
+    assert "## Dice of class interior" in table and "## Dice of class border" in table
+    assert "border_to_instances" in table
+    report = json.loads((out / "dice_scaling.json").read_text())
+    assert set(report["dice_border_per_case"]) == set(report["dice_per_case"])
+    with (out / "dice_scaling_curve.csv").open() as f:
+        assert {"dice", "aji", "pq", "dice_interior", "dice_border"} <= set(next(csv.DictReader(f)))

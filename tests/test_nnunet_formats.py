@@ -239,3 +239,46 @@ def test_border_mode_from_instance_mask_folders(nnunet_dirs, tmp_path, one_threa
     # a resumed run keeps its mask mode
     res = runner.invoke(app, ["train", "--out", str(out), "--resume", "--quiet", "--mask-mode", "classes"])
     assert res.exit_code == 2 and "--mask-mode" in res.output, res.output
+
+
+def test_import_instance_masks_as_border_maps(nnunet_dirs, tmp_path):
+    """`import --mask-mode border` writes instance masks as a border run's cases: background 0,
+    interior 1, border 2, dataset.json labels to match; `--classes` imports class-id masks as they are."""
+    from pathar_aug.ingest import read_mask
+    from tests.conftest import write_instance_folders
+
+    images, masks = write_instance_folders(tmp_path / "data", n=N_CASES, size=SIZE)
+    res = runner.invoke(app, ["import", "--images", str(images), "--masks", str(masks), "--into", "530",
+                              "--mask-mode", "border"])
+    assert res.exit_code == 0, res.output
+    dataset = nnunet_dirs["raw"] / "Dataset530_PatharAug"
+    dj = json.loads((dataset / "dataset.json").read_text())
+    assert dj["labels"] == BORDER_LABELS and dj["numTraining"] == N_CASES
+    verify(dataset)  # nnU-Net's integrity check
+    borders = {}
+    for f in sorted(masks.iterdir()):
+        written = np.asarray(Image.open(dataset / "labelsTr" / f.name))
+        borders[f.name] = instances_to_border(read_mask(f))
+        assert set(np.unique(written).tolist()) <= {0, 1, 2}
+        assert np.array_equal(written, borders[f.name])
+    assert any((b == 2).any() for b in borders.values())
+
+    # class-id masks with --classes: written as they are, the classes become the labels
+    class_masks = tmp_path / "class_masks"
+    class_masks.mkdir()
+    for name, b in borders.items():
+        Image.fromarray(b).save(class_masks / name)
+    res = runner.invoke(app, ["import", "--images", str(images), "--masks", str(class_masks), "--into", "531",
+                              "--classes", "background=0,interior=1,border=2"])
+    assert res.exit_code == 0, res.output
+    other = nnunet_dirs["raw"] / "Dataset531_PatharAug"
+    assert json.loads((other / "dataset.json").read_text())["labels"] == BORDER_LABELS
+    assert all(np.array_equal(np.asarray(Image.open(other / "labelsTr" / n)), b) for n, b in borders.items())
+
+    # a binary dataset does not take border maps: refused, nothing written
+    binary = make_dataset(nnunet_dirs["raw"], "Dataset532_Binary", "png")
+    before = snapshot(binary)
+    res = runner.invoke(app, ["import", "--images", str(images), "--masks", str(masks), "--into", "532",
+                              "--mask-mode", "border"])
+    assert res.exit_code == 2 and "mask classes" in " ".join(res.output.split()), res.output
+    assert snapshot(binary) == before

@@ -25,6 +25,11 @@ its Dice is reported per label):
   validation tile. Scores per validation tile: Dice, aggregated Jaccard (AJI) and panoptic quality
   (PQ) against the true instance masks (``instance_metrics``); every difference to group I gets a
   95 % paired bootstrap interval (``bootstrap``).
+- Multi-class masks (``--classes``, or ``--mask-mode border`` for instance masks): the dataset takes
+  the K classes as its labels, real and synthetic cases hold class ids and nnU-Net segments all K;
+  Dice stays the nuclei (every class but the background) against the background, each foreground
+  class adds its Dice (``dice_<class>``), and a border study's AJI and PQ take the nuclei
+  ``border_to_instances`` recovers from the prediction.
 - The schedule is sized to convergence: group I (and the largest real + synthetic group) are also
   scored at 25 / 50 / 75 % of the schedule, from weight snapshots of the same run (the learning
   curve in ``<name>_curve.csv``).

@@ -13,13 +13,15 @@ import torch
 from pathar_aug.config import save_json
 from pathar_aug.reporter import Log, Reporter, reporter_for
 from pathar_aug.captured_output import captured
-from pathar_aug.study.plan import INSTANCES_FILE, Plan
+from pathar_aug.mask_classes import BINARY, MaskClasses
+from pathar_aug.study.plan import CLASSES_FILE, INSTANCES_FILE, Plan
 from pathar_aug.study.prepare import Prepared, State
 from pathar_aug.study.settings import (
     KIND_GENERATED,
     KIND_REAL,
     METRICS,
     BenchmarkSettings,
+    class_metrics,
     utc_now,
 )
 
@@ -42,14 +44,29 @@ def curve_folds(settings: BenchmarkSettings) -> set[tuple[str, int]]:
     return picked
 
 
-def score_fold(preds: dict[str, np.ndarray], truth: dict[str, np.ndarray], plan: Plan) -> dict:
-    """Per validation case Dice / AJI / PQ, their means per label, and pooled Dice per label."""
-    from pathar_aug.instance_metrics import tile_scores
-    from pathar_aug.metrics import binary_dice
+def score_fold(preds: dict[str, np.ndarray], truth: dict[str, np.ndarray], plan: Plan,
+               classes: MaskClasses = BINARY, mask_mode: str = "classes",
+               truth_classes: dict[str, np.ndarray] | None = None) -> dict:
+    """Per validation case Dice / AJI / PQ, their means per label, and pooled Dice per label.
 
-    per_case = {c: tile_scores(pred, truth[c]) for c, pred in preds.items()}
+    Dice is the foreground (every class but the background) against the background; AJI and PQ
+    compare ``truth`` (instance maps) with the nuclei of the prediction (``class_instances``: a
+    border study's through ``border_to_instances``). With K > 2 classes each foreground class also
+    gets its Dice, ``dice_<class>``, against the tiles' true class maps ``truth_classes``."""
+    from pathar_aug.instance_metrics import tile_scores
+    from pathar_aug.mask_classes import class_instances
+    from pathar_aug.metrics import binary_dice, class_dices
+
+    metrics = class_metrics(classes)
+    if not classes.binary and truth_classes is None:
+        raise ValueError(f"{classes.k} classes are scored against the validation tiles' class maps: give truth_classes")
+    per_case = {}
+    for c, pred in preds.items():
+        per_case[c] = tile_scores(pred, truth[c], class_instances(pred, mask_mode))
+        if not classes.binary:
+            per_case[c].update(zip(metrics[len(METRICS):], class_dices(pred, truth_classes[c], classes.k)))
     out = {"scores_per_case": per_case}
-    for metric in METRICS:
+    for metric in metrics:
         out[f"{metric}_per_label"] = {label: float(np.mean([per_case[c][metric] for c in plan.val[label]]))
                                       for label in plan.labels}
     out["pooled_dice_per_label"] = {  # over all of a label's validation pixels at once
@@ -91,8 +108,16 @@ def _train_and_evaluate(prepared: Prepared, identifier: str, device: torch.devic
     state = State(out / "state.json")
     results: dict[str, dict] = {}
     cases = list_cases(prepared.dataset)
+    classes, mask_mode, metrics = settings.mask_classes, settings.mask_mode, settings.metrics
     with np.load(out / INSTANCES_FILE) as f:
         truth = {c: f[c] for c in f.files}
+    truth_classes = None
+    if not classes.binary:
+        with np.load(out / CLASSES_FILE) as f:
+            truth_classes = {c: f[c] for c in f.files}
+
+    def score(preds: dict[str, np.ndarray]) -> dict:
+        return score_fold(preds, truth, plan, classes, mask_mode, truth_classes)
     with nnunet_env(*prepared.dirs.values()):
         folds = [{"train": f["train"], "val": f["val"]} for f in plan.folds]
         splits_file = prepared.dirs["preprocessed"] / prepared.dataset.name / "splits_final.json"
@@ -146,14 +171,14 @@ def _train_and_evaluate(prepared: Prepared, identifier: str, device: torch.devic
                     return dict(zip(val_cases, preds))
 
                 preds = segment("checkpoint_final.pth")
-                scores = score_fold(preds, truth, plan)
+                scores = score(preds)
                 predict_s = time.time() - t
                 curve = []
                 for epoch in schedule.snapshot_epochs:
                     point = scores if epoch == schedule.epochs else \
-                        score_fold(segment(snapshot_path(final.parent, epoch).name), truth, plan)
+                        score(segment(snapshot_path(final.parent, epoch).name))
                     curve.append({"epoch": epoch, "iteration": epoch * schedule.iterations_per_epoch,
-                                  **{f"{m}_per_label": point[f"{m}_per_label"] for m in METRICS}})
+                                  **{f"{m}_per_label": point[f"{m}_per_label"] for m in metrics}})
                 np.savez_compressed(folder / "predictions.npz", **preds)
                 ckpt = torch.load(final, map_location="cpu", weights_only=False)
                 logging = ckpt.get("logging", {})
@@ -163,9 +188,7 @@ def _train_and_evaluate(prepared: Prepared, identifier: str, device: torch.devic
                     "fold": k, "seed": fold["seed"], "group": g.to_json(),
                     "n_train": len(fold["train"]), "n_val": len(val_cases),
                     **{key: value for key, value in scores.items() if key != "scores_per_case"},
-                    "dice_per_case": {c: v["dice"] for c, v in scores["scores_per_case"].items()},
-                    "aji_per_case": {c: v["aji"] for c, v in scores["scores_per_case"].items()},
-                    "pq_per_case": {c: v["pq"] for c, v in scores["scores_per_case"].items()},
+                    **{f"{m}_per_case": {c: v[m] for c, v in scores["scores_per_case"].items()} for m in metrics},
                     "curve": curve,
                     "train_s": None if resumed_training else round(train_s, 1),
                     "predict_s": round(predict_s, 1),

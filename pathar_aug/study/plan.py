@@ -130,13 +130,19 @@ def make_plan(settings: BenchmarkSettings, tiles: Tiles, split_seed: int = 0) ->
 
 
 INSTANCES_FILE = "val_instances.npz"  # true instance maps of the validation tiles, by case name
+CLASSES_FILE = "val_classes.npz"  # multi-class studies: the true class maps of the validation tiles
 
 
-def validation_instances(samples: list, patch: int, instances_dir: str | None) -> list[np.ndarray]:
+def validation_instances(samples: list, patch: int, instances_dir: str | None, multiclass: bool = False
+                         ) -> list[np.ndarray]:
     """The instance map of every validation tile, in ``make_patches`` order: from ``instances_dir``
     (a file with each image's stem), else the masks' own ids (a binary mask gives one object per
-    connected component). Each instance map must cover exactly the mask's foreground."""
+    connected component). ``samples`` are the masks as read from disk (instance masks of a border
+    study, before they become border maps); ``multiclass``: they hold class ids, whose nuclei are
+    the connected components of the foreground. Each instance map must cover exactly the mask's
+    foreground."""
     from pathar_aug.ingest import MASK_SUFFIXES, read_mask
+    from pathar_aug.instance_metrics import instances_from_binary
 
     out = []
     for sample in samples:
@@ -148,9 +154,7 @@ def validation_instances(samples: list, patch: int, instances_dir: str | None) -
             if ids.shape != sample.mask.shape or not np.array_equal(ids > 0, sample.mask > 0):
                 raise ValueError(f"{found[0]}: instance map does not cover the same pixels as {sample.mask_path}")
             sample = dataclasses.replace(sample, mask=ids)
-        elif sample.mask.max() <= 1:
-            from pathar_aug.instance_metrics import instances_from_binary
-
+        elif multiclass or sample.mask.max() <= 1:
             sample = dataclasses.replace(sample, mask=instances_from_binary(sample.mask))
         out += [m for _, m in tile_sample(sample, patch, instances=True)]
     return out

@@ -15,6 +15,7 @@ import torch
 from pathar_aug.classical_augment import expand
 from pathar_aug.config import save_json
 from pathar_aug.ingest import load_pairs
+from pathar_aug.mask_classes import class_samples
 from pathar_aug.patches import PatchSet, dihedral, make_patches, split_by_image
 from pathar_aug.generator import Generator, load_generator
 from pathar_aug.pipeline import RUN_FILE, RunError, RunInfo, make_settings, train_run
@@ -22,6 +23,7 @@ from pathar_aug.reporter import Log, Reporter, reporter_for
 from pathar_aug.sampler import SamplingConfig
 from pathar_aug.captured_output import captured
 from pathar_aug.study.plan import (
+    CLASSES_FILE,
     INSTANCES_FILE,
     Plan,
     Tiles,
@@ -46,12 +48,12 @@ from pathar_aug.tokenizer import TOKENIZER_PRESETS
 
 # ------------------------------------------------------------------------- writing the dataset
 def _write_real_cases(dataset: Path, cases: list[tuple[str, np.ndarray, np.ndarray]], labels: dict[str, str],
-                      reporter: Reporter) -> None:
+                      reporter: Reporter, mask_labels: dict[str, int] | None = None) -> None:
     """Real tiles as plain nnU-Net cases (before any synthetic case, so they stay 'real')."""
     from nnunet_integration.dataset import SyntheticCasesPresent, write_real_cases
 
     try:
-        written = write_real_cases(dataset, cases, labels=labels, resume=True)
+        written = write_real_cases(dataset, cases, labels=labels, resume=True, mask_labels=mask_labels)
     except SyntheticCasesPresent as exc:
         raise RunError(f"{dataset} lacks {len(exc.missing)} real case(s) (e.g. {exc.missing[0]}) but already holds "
                        "synthetic ones; delete the benchmark's --out folder and run again") from None
@@ -61,10 +63,11 @@ def _write_real_cases(dataset: Path, cases: list[tuple[str, np.ndarray, np.ndarr
 
 def _write_synthetic(dataset: Path, kind: str, seed: int, batch_settings: dict, per_label: dict[str, list[str]],
                      make_chunk: Callable[[str, int, int, int], tuple[torch.Tensor, torch.Tensor]],
-                     chunk: int, reporter: Reporter) -> int:
+                     chunk: int, reporter: Reporter, mask_labels: dict[str, int] | None = None) -> int:
     """Write the synthetic cases of one kind and seed, making only the chunks not committed yet.
 
-    ``make_chunk(label, label_index, start, stop)`` returns (images B x 3 x P x P uint8, masks B x 1 x P x P)."""
+    ``make_chunk(label, label_index, start, stop)`` returns (images B x 3 x P x P uint8, masks B x 1 x P x P
+    of class ids; ``mask_labels``: their classes, those of the dataset)."""
     from nnunet_integration.cases import committed_ids
     from nnunet_integration.dataset import write_chunks
     from nnunet_integration.manifest import synthetic_case_id
@@ -89,7 +92,8 @@ def _write_synthetic(dataset: Path, kind: str, seed: int, batch_settings: dict, 
     with reporter.task(f"{KIND_TEXT[kind]} (seed {seed})", total=sum(map(len, chunks))) as task:
         report = write_chunks(dataset, chunks, cases, settings={**batch_settings, "kind": kind, "seed": seed},
                               batch=batch, commit_every=chunk,
-                              labels={i: label for label, v in ids.items() for i in v}, on_chunk=task.advance)
+                              labels={i: label for label, v in ids.items() for i in v}, on_chunk=task.advance,
+                              mask_labels=mask_labels)
     return len(report.written)
 
 
@@ -130,9 +134,12 @@ def _generator(settings: BenchmarkSettings, out: Path, device: torch.device, spl
     except RunError:
         pass
     reporter.log(f"[benchmark] training a generator ({settings.preset} preset) on the real training pool only -> {run_dir}")
+    classes = settings.mask_classes
     run_settings = make_settings(Path(settings.images), Path(settings.masks),
                                  Path(settings.labels_csv) if settings.labels_csv else None, settings.preset,
-                                 val_fraction=split[0], seed=split[1])
+                                 val_fraction=split[0], seed=split[1],
+                                 classes=classes.describe() if settings.classes is not None else None,
+                                 mask_mode=settings.mask_mode)
     train_run(run_dir, run_settings, device, resume=(run_dir / RUN_FILE).exists(), reporter=reporter)
     return load_generator(run_dir, device), True
 
@@ -157,6 +164,19 @@ def _check_generator(generator: Generator, labels: list[str], patch: int) -> Non
     if unknown:
         raise RunError(f"label '{unknown[0]}' is unknown to the model {generator.run_dir} "
                        f"(it knows {', '.join(generator.label_names)})")
+
+
+def check_model_classes(model: Path, settings: BenchmarkSettings) -> None:
+    """A --model must make the study's mask classes (how the study reads its own masks, --mask-mode,
+    is the study's business: a border map is a border map whether it came from instance masks or not)."""
+    run = RunInfo.load(model).settings
+    mine, theirs = settings.mask_classes, run.mask_classes
+    if theirs == mine:
+        return
+    hint = ("--mask-mode border" if run.mask_mode == "border" else
+            "no --classes (binary masks)" if theirs.binary else f"--classes {theirs.describe()}")
+    raise RunError(f"--model {model} makes masks of the classes {theirs.describe()}, the benchmark's masks have "
+                   f"{mine.describe()}: give the options the model was trained with ({hint})")
 
 
 def _check_settings(out: Path, settings: BenchmarkSettings, write: bool) -> None:
@@ -206,8 +226,15 @@ def prepare(settings: BenchmarkSettings, out: str | Path, device: torch.device, 
     out = Path(out).resolve()
     _check_settings(out, settings, write=False)  # every check before anything is written
     split = resolve_split(settings)
-    samples = load_pairs(settings.images, settings.masks, settings.labels_csv)
-    pool_samples, val_samples = split_by_image(samples, split[0], split[1])
+    classes, mask_mode = settings.mask_classes, settings.mask_mode
+    if settings.model:
+        check_model_classes(Path(settings.model), settings)
+    samples = load_pairs(settings.images, settings.masks, settings.labels_csv,
+                         keep_values=classes.keeps_values(mask_mode))
+    pool_samples, val_read = split_by_image(samples, split[0], split[1])
+    # tiles hold the study's class ids (border maps of a border study); the true instances for
+    # AJI / PQ come from the masks as read (a border study's instance masks)
+    pool_samples, val_samples = class_samples(pool_samples, classes, mask_mode), class_samples(val_read, classes, mask_mode)
     labels = sorted({s.label for s in samples})
     no_val = [label for label in labels if not any(s.label == label for s in val_samples)]
     if no_val:
@@ -217,10 +244,6 @@ def prepare(settings: BenchmarkSettings, out: str | Path, device: torch.device, 
     needs_generator = any(g.kind in (KIND_GENERATED, KIND_RENDERED, KIND_FILTERED) for g in groups)
     generator = None
     if settings.model:
-        classes = RunInfo.load(settings.model).mask_classes
-        if not classes.binary:  # the study's datasets, nnU-Net models and scores are binary
-            raise RunError(f"--model {settings.model} makes {classes.k}-class masks ({classes.describe()}); the "
-                           "benchmark measures binary segmentation: use a binary run")
         generator = load_generator(settings.model, device) if needs_generator else None
         patch = generator.patch_size if generator else RunInfo.load(settings.model).settings.tokenizer.patch_size
     else:
@@ -229,7 +252,8 @@ def prepare(settings: BenchmarkSettings, out: str | Path, device: torch.device, 
             raise ValueError(f"unknown preset {settings.preset!r}")
     tiles = Tiles(make_patches(pool_samples, patch, labels), make_patches(val_samples, patch, labels), [], [])
     tiles.pool_names, tiles.val_names = Tiles.names(tiles.pool), Tiles.names(tiles.val)
-    val_instances = validation_instances(val_samples, patch, settings.instances)
+    val_instances = validation_instances(val_read, patch, settings.instances,
+                                         multiclass=not classes.binary and mask_mode != "border")
     plan, index = make_plan(settings, tiles, split[1])
     if generator is not None:
         _check_generator(generator, labels, patch)
@@ -238,7 +262,7 @@ def prepare(settings: BenchmarkSettings, out: str | Path, device: torch.device, 
     log(f"[benchmark] {len(labels)} label(s): " + ", ".join(
         f"{label} ({sum(s.label == label for s in pool_samples)} pool / {len(plan.val_sources[label])} validation "
         f"images, {len(plan.val[label])} validation tiles)" for label in labels) + f"; tiles of {patch} px")
-    del samples, pool_samples, val_samples
+    del samples, pool_samples, val_samples, val_read
 
     _check_settings(out, settings, write=True)
     state = State(out / "state.json")
@@ -256,7 +280,10 @@ def prepare(settings: BenchmarkSettings, out: str | Path, device: torch.device, 
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     with nnunet_env(dirs["raw"], dirs["preprocessed"], dirs["results"]):
-        dataset = resolve_dataset(f"Dataset{settings.dataset_id:03d}_{DATASET_NAME}", dirs["raw"], create=True)
+        # a binary study keeps the default labels; K classes become dataset.json's labels, so nnU-Net trains K-way
+        mask_labels = None if classes.binary else classes.mapping()
+        dataset = resolve_dataset(f"Dataset{settings.dataset_id:03d}_{DATASET_NAME}", dirs["raw"], create=True,
+                                  labels=mask_labels)
     save_json(plan.to_json(), out / "plan.json")
     if state.data["stages"].get("dataset_written"):
         return Prepared(settings, out, plan, dataset, patch, split, model_dir, dirs)
@@ -273,8 +300,12 @@ def prepare(settings: BenchmarkSettings, out: str | Path, device: torch.device, 
         return patches.images[i].permute(1, 2, 0).numpy(), patches.masks[i, 0].numpy()
 
     _write_real_cases(dataset, [(name, *arrays(p, i)) for name, (p, i) in sorted(real_cases.items())],
-                      {name: p.label_names[int(p.labels[i])] for name, (p, i) in sorted(real_cases.items())}, reporter)
+                      {name: p.label_names[int(p.labels[i])] for name, (p, i) in sorted(real_cases.items())}, reporter,
+                      mask_labels)
     np.savez_compressed(out / INSTANCES_FILE, **{tiles.val_names[i]: val_instances[i] for i in index["val"]})
+    if mask_labels is not None:  # per-class Dice is scored against the validation tiles' class maps
+        np.savez_compressed(out / CLASSES_FILE, **{tiles.val_names[i]: tiles.val.masks[i, 0].numpy()
+                                                   for i in index["val"]})
     state.data["stages"]["real_cases_s"] = round(time.time() - t, 1)
     state.save()
 
@@ -295,7 +326,7 @@ def prepare(settings: BenchmarkSettings, out: str | Path, device: torch.device, 
             written += _write_synthetic(dataset, kind, k, batch_settings, plan.synthetic[kind][k],
                                         _chunk_maker(kind, k, settings, generator, tiles, index, sampling, device,
                                                      acceptance, reporter),
-                                        settings.sample_batch, reporter)
+                                        settings.sample_batch, reporter, mask_labels)
         if written:
             state.data["stages"][f"{kind}_s"] = round(time.time() - t, 1)
             if acceptance:

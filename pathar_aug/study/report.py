@@ -6,6 +6,7 @@ import dataclasses
 import os
 import sys
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from pathar_aug.study.plan import Plan
 from pathar_aug.study.prepare import Prepared, State
 from pathar_aug.study.settings import (
     AVERAGE,
+    CLASS_DICE,
     KIND_CLASSICAL,
     KIND_FILTERED,
     KIND_GENERATED,
@@ -31,8 +33,9 @@ from pathar_aug.study.settings import (
 # -------------------------------------------------------------------------------- reporting
 def summarize(settings: BenchmarkSettings, plan: Plan, results: dict[str, dict]) -> list[dict]:
     """One row per group x label (and per group over all labels, label ``average``): mean and s.d.
-    over seeds of Dice, AJI and PQ, and each metric's difference to group I with a 95 % paired
-    bootstrap interval over validation tiles and seeds (``bootstrap.paired_bootstrap``)."""
+    over seeds of Dice, AJI and PQ (and of each class's Dice ``dice_<class>`` in a multi-class
+    study), and each metric's difference to group I with a 95 % paired bootstrap interval over
+    validation tiles and seeds (``bootstrap.paired_bootstrap``)."""
     from pathar_aug.bootstrap import paired_bootstrap
 
     groups = settings.groups
@@ -57,7 +60,7 @@ def summarize(settings: BenchmarkSettings, plan: Plan, results: dict[str, dict])
                    "real_per_label": g.real, "extra_per_label": g.extra, "label": label,
                    "n_val_tiles": sum(len(plan.val[x]) for x in labels),
                    "n_val_images": sum(len(plan.val_sources[x]) for x in labels), "seeds": len(runs)}
-            for metric in METRICS:
+            for metric in settings.metrics:
                 values = [float(np.mean([r[f"{metric}_per_label"][x] for x in labels])) for r in runs]
                 row[metric] = round(float(np.mean(values)), 4) if values else float("nan")
                 row[f"{metric}_sd"] = round(float(np.std(values, ddof=1)), 4) if len(values) > 1 else ""
@@ -77,15 +80,16 @@ def summarize(settings: BenchmarkSettings, plan: Plan, results: dict[str, dict])
     return rows
 
 
-def curve_rows(results: dict[str, dict], plan: Plan) -> list[dict]:
-    """The learning curves: group, seed, iteration, label, dice, aji, pq (one row per point and label)."""
+def curve_rows(results: dict[str, dict], plan: Plan, metrics: Sequence[str] = METRICS) -> list[dict]:
+    """The learning curves: group, seed, iteration, label, dice, aji, pq (and any other ``metrics``;
+    one row per point and label)."""
     rows = []
     for r in sorted(results.values(), key=lambda r: r["fold"]):
         for point in r.get("curve", []):
             for label in plan.labels:
                 rows.append({"group": r["group"]["numeral"], "group_key": r["group"]["key"], "seed": r["seed"],
                              "epoch": point["epoch"], "iteration": point["iteration"], "label": label,
-                             **{m: round(point[f"{m}_per_label"][label], 4) for m in METRICS}})
+                             **{m: round(point[f"{m}_per_label"][label], 4) for m in metrics}})
     return rows
 
 
@@ -123,7 +127,11 @@ def markdown_table(settings: BenchmarkSettings, plan: Plan, rows: list[dict], me
            f"and seeds ({settings.bootstrap} resamples), **bold** where the interval excludes 0" if has_ref else "")
         + ".",
     ]
-    for metric, title in (("dice", "Dice"), ("aji", "Aggregated Jaccard index (AJI)"), ("pq", "Panoptic quality (PQ)")):
+    classes = settings.mask_classes
+    tables = [("dice", "Dice" if classes.binary else "Dice (foreground: every class but the background)"),
+              ("aji", "Aggregated Jaccard index (AJI)"), ("pq", "Panoptic quality (PQ)")]
+    tables += [(m, f"Dice of class {m[len(CLASS_DICE):]}") for m in settings.metrics[len(METRICS):]]
+    for metric, title in tables:
         lines += ["", f"## {title}", "", header, rule]
         for g in groups:
             cells = [_cell(by[(g.numeral, label)], metric, has_ref and g is not groups[0])
@@ -133,8 +141,14 @@ def markdown_table(settings: BenchmarkSettings, plan: Plan, rows: list[dict], me
         f"{label}: {len(plan.val[label])} tiles from {len(plan.val_sources[label])} image(s)" for label in labels) + "."]
     if has_ref:
         lines.append("In brackets: difference to group I (real only), paired by seed and validation tile.")
-    lines.append("AJI and PQ: predicted nuclei are the connected components of nnU-Net's segmentation, true nuclei "
+    predicted = ("recovered from nnU-Net's background / interior / border map (each interior grown through the "
+                 "border ring, `border_to_instances`)" if settings.mask_mode == "border"
+                 else "the connected components of nnU-Net's segmentation")
+    lines.append(f"AJI and PQ: predicted nuclei are {predicted}, true nuclei "
                  f"the instance masks ({meta['instances_text']}); a tile with no nucleus in either scores 1.")
+    if not classes.binary:
+        lines.append(f"Classes {classes.describe()}: nnU-Net segments all {classes.k} of them; Dice of a class is "
+                     "that class against all other pixels, 1 on a tile where neither holds it.")
     kinds = {g.kind for g in groups}
     if KIND_GENERATED in kinds:
         lines.append(f"Synthetic: pairs sampled by the PathAR generator (label-conditioned; {meta['sampling_text']}).")
@@ -252,13 +266,15 @@ def write_report(prepared: Prepared, identifier: str, results: dict[str, dict], 
             f"{label} {a['passed']}/{a['candidates']}, {a['kept']} kept"
             for label, a in state.data["stages"].get("filter_acceptance", {}).items()),
         "instances_text": (f"from {settings.instances}" if settings.instances
+                           else "the connected components of the class maps' nuclei (every class but the background)"
+                           if settings.mask_classes.keeps_values(settings.mask_mode)
                            else "the masks' own instance ids, or their connected components where a mask is binary"),
     }
     paths = {"csv": report_dir / f"{name}.csv", "md": report_dir / f"{name}.md", "png": report_dir / f"{name}.png",
              "json": report_dir / f"{name}.json", "curve": report_dir / f"{name}_curve.csv"}
     label_rows = [r for r in rows if r["label"] != AVERAGE]  # the average over labels lives in .md and .json
     _write_csv(paths["csv"], label_rows)
-    curve = curve_rows(results, plan)
+    curve = curve_rows(results, plan, settings.metrics)
     if curve:
         _write_csv(paths["curve"], curve)
     else:
@@ -284,7 +300,7 @@ def write_report(prepared: Prepared, identifier: str, results: dict[str, dict], 
         "validation": {label: {"tiles": len(plan.val[label]), "images": plan.val_sources[label]} for label in plan.labels},
         "rows": rows,
         "folds": {name_: {k: v for k, v in r.items() if not k.endswith("_per_case")} for name_, r in results.items()},
-        **{f"{m}_per_case": {name_: r[f"{m}_per_case"] for name_, r in results.items()} for m in METRICS},
+        **{f"{m}_per_case": {name_: r[f"{m}_per_case"] for name_, r in results.items()} for m in settings.metrics},
         "timings": timings,
         "environment": {"python": sys.version.split()[0], "torch": torch.__version__,
                         "nnunetv2": version("nnunetv2"), "pathar_aug": version("pathar-aug"),

@@ -10,6 +10,7 @@ from typing import Sequence
 
 from nnunet_integration.names import safe_name
 from pathar_aug.classical_augment import ClassicalAugment
+from pathar_aug.mask_classes import MaskClasses, resolve_classes
 
 DEMO_DATA = Path(__file__).resolve().parent.parent / "demo_data"
 DEFAULT_VAL_FRACTION = 0.2
@@ -26,6 +27,7 @@ EXTRA_KINDS = (KIND_RENDERED, KIND_CLASSICAL, KIND_FILTERED)  # the rows beside 
 DEFAULT_EXTRA_KINDS = (KIND_RENDERED, KIND_CLASSICAL)
 EXTRA_ROWS = ("largest", "all", "none")
 METRICS = ("dice", "aji", "pq")  # per validation tile: semantic Dice, aggregated Jaccard, panoptic quality
+CLASS_DICE = "dice_"  # multi-class runs: "dice_<class>", the Dice of each foreground class beside METRICS
 AVERAGE = "average"  # the summary row over all labels
 SCHEDULES = ("cpu", "full")
 
@@ -67,6 +69,22 @@ def case_part(text: str) -> str:
 def stable_seed(*parts) -> int:
     """A stable 31-bit seed from any parts (independent of PYTHONHASHSEED)."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def class_metrics(classes: MaskClasses) -> tuple[str, ...]:
+    """The study's per-tile metrics: ``METRICS`` (Dice of the foreground against the background, AJI,
+    PQ), and with K > 2 classes the Dice of each foreground class, ``dice_<class name>``."""
+    if classes.binary:
+        return METRICS
+    names = tuple(f"{CLASS_DICE}{name}" for name in classes.names[1:])
+    # the report's columns add _sd, _delta_vs_I ... to each metric: "sd" or "per_seed" as a class
+    # name would collide with the Dice's own dice_sd / dice_per_seed columns
+    taken = {"dice_sd", "dice_per_seed"}
+    clash = [n for n in names if n in taken or n in METRICS]
+    if clash:
+        raise ValueError(f"the class name {clash[0][len(CLASS_DICE):]!r} would make the report column {clash[0]!r}, "
+                         "which the report uses already; rename the class")
+    return METRICS + names
 
 
 def utc_now() -> str:
@@ -178,6 +196,10 @@ class BenchmarkSettings:
     sample_batch: int = 32
     dataset_id: int = 980
     classical: ClassicalAugment = field(default_factory=ClassicalAugment)
+    # mask classes (``mask_classes``): None and "classes" is the binary study of the paper; a
+    # --model must make the same classes
+    classes: dict[str, int] | None = None  # --classes: name -> id of the class ids in --masks
+    mask_mode: str = "classes"  # "border": --masks holds instance masks (background / interior / border)
 
     def __post_init__(self) -> None:
         self.images, self.masks = str(Path(self.images).resolve()), str(Path(self.masks).resolve())
@@ -197,11 +219,25 @@ class BenchmarkSettings:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if not 1 <= self.dataset_id <= 999:
             raise ValueError(f"dataset id must be 1-999, got {self.dataset_id}")
+        if self.classes is not None:
+            self.classes = MaskClasses.from_mapping(self.classes, "--classes").mapping()
+        class_metrics(self.mask_classes)  # validates the classes, the mask mode and the class names
         plan_groups(self.real, self.synthetic, self.synthetic_only, self.extra_rows, self.extra_kinds)  # validates
 
     @property
     def groups(self) -> list[Group]:
         return plan_groups(self.real, self.synthetic, self.synthetic_only, self.extra_rows, self.extra_kinds)
+
+    @property
+    def mask_classes(self) -> MaskClasses:
+        """The classes of the study's masks (binary unless --classes or --mask-mode border)."""
+        text = MaskClasses.from_mapping(self.classes).describe() if self.classes is not None else None
+        return resolve_classes(text, self.mask_mode)
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """Per-tile metrics of the report (``class_metrics``)."""
+        return class_metrics(self.mask_classes)
 
     def nnunet_schedule(self):
         return (cpu_schedule if self.schedule == "cpu" else full_schedule)(self.epochs, self.iterations)
@@ -211,6 +247,12 @@ class BenchmarkSettings:
         data["synthetic"] = list(self.synthetic)
         data["extra_kinds"] = list(self.extra_kinds)
         data["classical"] = self.classical.to_json()
+        # binary studies leave the mask options out: their settings.json stays as it was, so a
+        # folder made before multi-class studies existed resumes
+        if self.classes is None:
+            del data["classes"]
+        if self.mask_mode == "classes":
+            del data["mask_mode"]
         return data
 
     def cpu_network(self) -> dict | bool:
