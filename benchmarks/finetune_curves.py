@@ -1,6 +1,6 @@
 """What the shipped starting point buys: quality against training minutes, from scratch vs from it.
 
-    python -m benchmarks.finetune_curves [--per-label 12] [--points 100,300] [--n 48]
+    python -m benchmarks.finetune_curves [--per-label 12] [--points 100,250] [--n 32] [--arms ...]
 
 A user with a few dozen tiles is played by DSB2018 images the starting point never saw: its
 held-out source images (run.json: heldout_sources), split per label into `--per-label` "user"
@@ -46,7 +46,7 @@ OUT = WORK / "finetune_curves"
 # (set, feature space, metric) read from each point's metrics.csv
 METRICS = [("colour-texture-histograms", "kid"), ("segmenter", "image_mask_dice"), ("masks", "empty_share_gap")]
 SETS = ("model", "model, filtered")
-ARMS = ("scratch", "dsb2018, tokenizer frozen", "dsb2018, tokenizer fine-tuned")
+ARMS = ("dsb2018, tokenizer frozen", "scratch", "dsb2018, tokenizer fine-tuned")
 
 
 def split_heldout(start: Path, per_label: int, seed: int) -> tuple[dict[str, list[str]], dict[str, list[str]], dict]:
@@ -105,10 +105,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--start", default="dsb2018", help="starting point: shipped name or run folder")
     ap.add_argument("--per-label", type=int, default=12, help="user images per label")
-    ap.add_argument("--points", default="100,300", help="prior steps at which each arm is judged")
-    ap.add_argument("--scratch-tokenizer-steps", type=int, default=300)
+    ap.add_argument("--points", default="100,250", help="prior steps at which each arm is judged")
+    ap.add_argument("--scratch-tokenizer-steps", type=int, default=200)
     ap.add_argument("--finetune-tokenizer-steps", type=int, default=100)
-    ap.add_argument("--n", type=int, default=48, help="generated pairs per label and point")
+    ap.add_argument("--n", type=int, default=32, help="generated pairs per label and point")
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
@@ -129,6 +129,7 @@ def main() -> None:
                        args.n, device):
             rows.append({"arm": arm, "prior_steps": steps, "minutes": round(point_minutes, 2), **r})
         print(f"{arm} @ {steps} prior steps, {point_minutes:.1f} min: judged", flush=True)
+        write_results(rows, args, user, judged, time.time() - t0)  # after every point: a stopped run keeps its part
 
     record("dsb2018 as shipped", 0, 0.0, start)
     for arm in [a for a in args.arms.split(",") if a]:
@@ -152,7 +153,10 @@ def main() -> None:
                 minutes[key] = before + (time.time() - t) / 60
                 timing_file.write_text(json.dumps(minutes, indent=1))
             record(arm, steps, minutes[key], run)
+    print(f"wrote {RESULTS / 'finetune_curves.csv'}")
 
+
+def write_results(rows: list[dict], args: argparse.Namespace, user: dict, judged: dict, wall_s: float) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     with (RESULTS / "finetune_curves.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["arm", "prior_steps", "minutes", "label", "set", "metric", "value"])
@@ -160,12 +164,11 @@ def main() -> None:
         writer.writerows(rows)
     (RESULTS / "finetune_curves.json").write_text(json.dumps({
         "command": "python -m benchmarks.finetune_curves " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("device",)),
+            f"--{k.replace('_', '-')} '{v}'" for k, v in vars(args).items() if k != "device"),
         "user_images": user, "judge_images": judged, "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-        "torch_threads": torch.get_num_threads(), "wall_minutes_this_call": round((time.time() - t0) / 60, 1),
+        "torch_threads": torch.get_num_threads(), "wall_minutes_this_call": round(wall_s / 60, 1),
     }, indent=1))
     plot(rows, RESULTS / "finetune_curves.png")
-    print(f"wrote {RESULTS / 'finetune_curves.csv'}")
 
 
 def plot(rows: list[dict], path: Path) -> None:
