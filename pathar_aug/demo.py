@@ -132,14 +132,21 @@ def run_demo(out: Path, device: torch.device, tokenizer_steps: int, prior_steps:
     summary = summarize_dataset(dataset)
     preview = save_dataset_preview(dataset, summary.synthetic_names, out / PREVIEW_FILE)
 
+    from pathar_aug.quality_filter import QualityFilter
+
+    # synthetic cases are tiles of the generator's patch size; real cases are whole images, whose
+    # tiles are empty more often: both shares are the fair comparison
+    tiles = {label: stats.empty_share for label, stats in QualityFilter.load(run, device).stats.items()}
+    patch = settings.tokenizer.patch_size
     log(f"\n[bold green]demo finished[/bold green] in {time.time() - t0:.0f} s: {dataset.name}")
     for label in sorted(set(summary.real) | set(summary.synthetic)):
         real, syn = summary.real.get(label, LabelCount()), summary.synthetic.get(label, LabelCount())
         kept = result.labels.get(label)
-        filt = f", filter kept {kept.kept} of {kept.candidates} candidates" if kept and kept.candidates else ""
+        filt = f"; filter kept {kept.kept} of {kept.candidates} candidates" if kept and kept.candidates else ""
         share = (lambda c: f"{c.empty_share:.0%}" if c.empty_share is not None else "-")
-        log(f"  {label:<14} real {real.cases:>3} (empty masks {share(real)}), synthetic {syn.cases:>3} "
-            f"(empty masks {share(syn)}){filt}")
+        tile = f", {tiles[label]:.0%} of its {patch} px training tiles" if label in tiles else ""
+        log(f"  {label:<13} real {real.cases:>3} (empty masks {share(real)}{tile}), "
+            f"synthetic {syn.cases:>3} of {patch} px (empty {share(syn)}){filt}")
     log(f"  look at:  {preview}  (synthetic pairs as written)")
     log(f"            {run / 'samples_preview.png'}  (the generator's samples)")
     log(f"            {dataset / 'pathar_aug_manifest.json'}  (synthetic cases and their filter scores)")

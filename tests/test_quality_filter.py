@@ -295,6 +295,16 @@ def test_sampling_defaults_pick_the_setting_whose_empty_share_matches_the_real_o
     choice = choose_sampling(generate, ["a", "b"], {"a": 0.05, "b": 0.15}, samples_per_label=20)
     assert choice.chosen == CANDIDATES[2]  # plain sampling: gaps 0.05 against 0.35 and 0.85
     assert [round(m["max_gap"], 2) for m in choice.measured] == [0.85, 0.45, 0.05]
-    # a tie keeps the earlier candidate (the paper's setting first)
+    # the same largest gap (label a: no setting helps): the other label decides
+    def stuck(label_index, n, config):
+        empty = {0.85: 0.9, 0.95: 0.5, 1.0: 0.1}[config.temperature] if label_index == 1 else 0.0
+        out = torch.zeros(n, 1, 8, 8, dtype=torch.uint8)
+        out[int(round(empty * n)):, :, 3:6, 3:6] = 1
+        return out
+
+    choice = choose_sampling(stuck, ["a", "b"], {"a": 0.5, "b": 0.1}, samples_per_label=20)
+    assert [round(m["max_gap"], 2) for m in choice.measured] == [0.8, 0.5, 0.5]
+    assert choice.chosen == CANDIDATES[2]  # b's gap 0 against 0.4
+    # a full tie keeps the earlier candidate (the paper's setting first)
     tie = choose_sampling(lambda li, n, c: torch.zeros(n, 1, 4, 4), ["a"], {"a": 1.0}, samples_per_label=5)
     assert tie.chosen == CANDIDATES[0]
