@@ -9,8 +9,8 @@ measured at growing prior steps (`train --resume --prior-steps`, so each point c
 before, and the minutes add up):
 
     scratch                         the cpu preset from nothing (tokenizer --scratch-tokenizer-steps)
-    dsb2018, tokenizer frozen       --init dsb2018 --init-tokenizer freeze
-    dsb2018, tokenizer fine-tuned   --init dsb2018 (tokenizer --finetune-tokenizer-steps)
+    dsb2018 + frozen tokenizer      --init dsb2018 --init-tokenizer freeze
+    dsb2018 + fine-tuned tokenizer  --init dsb2018 (tokenizer --finetune-tokenizer-steps)
 
 plus the starting point as shipped (0 minutes). Every point is judged as `pathar-aug evaluate`
 judges a run, on the judging images (half of them the reference, by source image): KID in the
@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import random
+import re
 import time
 from pathlib import Path
 
@@ -46,7 +47,11 @@ OUT = WORK / "finetune_curves"
 # (set, feature space, metric) read from each point's metrics.csv
 METRICS = [("colour-texture-histograms", "kid"), ("segmenter", "image_mask_dice"), ("masks", "empty_share_gap")]
 SETS = ("model", "model, filtered")
-ARMS = ("dsb2018, tokenizer frozen", "scratch", "dsb2018, tokenizer fine-tuned")
+ARMS = ("dsb2018 + frozen tokenizer", "scratch", "dsb2018 + fine-tuned tokenizer")
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9-]+", "_", text)
 
 
 def split_heldout(start: Path, per_label: int, seed: int) -> tuple[dict[str, list[str]], dict[str, list[str]], dict]:
@@ -125,7 +130,7 @@ def main() -> None:
     minutes = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
 
     def record(arm: str, steps: int, point_minutes: float, run: Path) -> None:
-        for r in judge(run, judge_data, OUT / "judged" / f"{arm}-{steps}".replace(" ", "_").replace(",", ""),
+        for r in judge(run, judge_data, OUT / "judged" / slug(f"{arm}-{steps}"),
                        args.n, device):
             rows.append({"arm": arm, "prior_steps": steps, "minutes": round(point_minutes, 2), **r})
         print(f"{arm} @ {steps} prior steps, {point_minutes:.1f} min: judged", flush=True)
@@ -135,7 +140,7 @@ def main() -> None:
     for arm in [a for a in args.arms.split(",") if a]:
         if arm not in ARMS:
             raise SystemExit(f"unknown arm {arm!r}; arms: {', '.join(ARMS)}")
-        run = OUT / "runs" / arm.replace(" ", "_").replace(",", "")
+        run = OUT / "runs" / slug(arm)
         for steps in points:
             key = f"{arm}@{steps}"
             if key not in minutes:
