@@ -208,3 +208,16 @@ def test_dice():
     c = np.zeros_like(a)
     c[:2] = 1
     assert dice(b, c) == pytest.approx(2 * 16 / (32 + 16))
+
+
+def test_markdown_skips_a_set_that_is_empty_for_one_label():
+    # the filtered set can be empty for a label whose candidates all fail the filter
+    import pandas as pd
+
+    from pathar_aug.evaluation.report import COLUMNS, to_markdown
+
+    rows = [("a", "model", "masks", "empty_share", 0.1, 8, 8, "0"),
+            ("a", "model, filtered", "masks", "empty_share", 0.0, 8, 4, "0"),
+            ("b", "model", "masks", "empty_share", 0.3, 8, 8, "0")]
+    text = to_markdown(pd.DataFrame(rows, columns=COLUMNS), {})
+    assert "| b | model | 8 | 8 |" in text and "| b | model, filtered" not in text

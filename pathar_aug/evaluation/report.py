@@ -347,6 +347,8 @@ def to_markdown(df: pd.DataFrame, meta: Mapping | None = None) -> str:
         header = ["label", "set", "N real", "N gen", *metrics]
         body = []
         for (label, set_name), row in wide.iterrows():
+            if (label, set_name) not in ns.index:  # a set empty for this label (no pair passed the filter)
+                continue
             n = ns.loc[(label, set_name)]
             body.append([label, set_name, int(n["n_real"]), int(n["n_gen"]),
                          *[row.get(m, float("nan")) for m in metrics]])
