@@ -215,9 +215,11 @@ def test_synthesize_records_scores_and_acceptance(run, raw):
     verify(dataset)
     # the library returns the same numbers
     from pathar_aug.sampler import SamplingConfig
+    from pathar_aug.sampling_defaults import resolve_sampling
     from pathar_aug.synthesize import synthesize_into
 
-    result = synthesize_into(run["run"], "511", 4, per_label=True, sampling=SamplingConfig(batch_size=4),
+    same = SamplingConfig(batch_size=4, **resolve_sampling(run["run"]))  # what the command used: the run's defaults
+    result = synthesize_into(run["run"], "511", 4, per_label=True, sampling=same,
                              oversample=2, min_agreement=0.0, log=lambda _: None)
     assert result.filter == "on" and result.new == 0 and result.present == len(scores)
     for acc in result.labels.values():
