@@ -107,8 +107,7 @@ def export(run_dir: str | Path, dest: str | Path, description: dict[str, Any],
     save_json({"settings": settings, "data": data}, building / "run.json")
     save_json({**description, "labels": data["label_names"], "label_renames": rename,
                "exported_from_settings": settings}, building / ABOUT_FILE)
-    _rename_filter_labels(building, rename)
-    _rename_sampling_labels(building, rename)
+    _rename_labels_in_files(building, rename)
     if dest.exists():
         shutil.rmtree(dest)
     building.rename(dest)
@@ -126,17 +125,13 @@ def _rename_keys(value: Any, rename: dict[str, str]) -> Any:
     return value
 
 
-def _rename_filter_labels(folder: Path, rename: dict[str, str]) -> None:
-    for path in (folder / "filter").glob("*.json"):
-        path.write_text(json.dumps(_rename_keys(json.loads(path.read_text()), rename), indent=2))
+def _rename_labels_in_files(folder: Path, rename: dict[str, str]) -> None:
+    """The filter's and the sampling defaults' JSON files and the filter's checkpoint, labels renamed."""
+    for path in [*(folder / "filter").glob("*.json"), folder / "sampling.json"]:
+        if path.is_file():
+            path.write_text(json.dumps(_rename_keys(json.loads(path.read_text()), rename), indent=2))
     for path in (folder / "filter").glob("*.pt"):
         state = load_checkpoint(path)
         if "label_names" in state:
             state["label_names"] = _renamed(list(state["label_names"]), rename)
             save_checkpoint(path, **state)
-
-
-def _rename_sampling_labels(folder: Path, rename: dict[str, str]) -> None:
-    path = folder / "sampling.json"
-    if path.is_file():
-        path.write_text(json.dumps(_rename_keys(json.loads(path.read_text()), rename), indent=2))
