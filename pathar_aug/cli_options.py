@@ -13,9 +13,11 @@ COMPILE_OPTION = typer.Option(False, "--compile", help="torch.compile the networ
 
 
 # The sampling options, shared by every command that samples. Left out, each comes from the run's
-# own defaults (chosen at the end of training, RUN/sampling.json), else the paper's (SamplingConfig).
+# own defaults (chosen per label at the end of training, RUN/sampling.json), else the paper's
+# (SamplingConfig); given, it applies to every label.
 _DEFAULT_SAMPLING = SamplingConfig()
-_RUN_DEFAULT = "default: the run's own, chosen at the end of training (RUN/sampling.json), else"
+_RUN_DEFAULT = "given: for every label; default: the run's own per label, chosen at the end of training " \
+               "(RUN/sampling.json), else"
 CFG_OPTION = typer.Option(None, "--cfg", help=f"Classifier-free guidance scale (1 = none; {_RUN_DEFAULT} "
                                                f"{_DEFAULT_SAMPLING.guidance}).", show_default=False)
 TEMPERATURE_OPTION = typer.Option(None, help=f"Sampling temperature ({_RUN_DEFAULT} {_DEFAULT_SAMPLING.temperature}).",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
@@ -28,6 +28,13 @@ class SamplingConfig:
     batch_size: int = 32  # images per chunk; the forward batch is twice that with guidance
     seed: int = 0
     compile: bool = False  # torch.compile the step-independent part of the cached step (for CUDA)
+    # label index -> sampling fields of that label's rows that differ from the ones above (a run's
+    # per-label defaults, ``sampling_defaults``); rows of one setting are sampled together
+    by_label: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    def for_label(self, label: int) -> "SamplingConfig":
+        """The setting of one label's rows (no per-label part left)."""
+        return dataclasses.replace(self, **self.by_label.get(label, {}), by_label={})
 
 
 def from_preset(presets: Mapping[str, C], name: str, **overrides: Any) -> C:

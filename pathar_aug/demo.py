@@ -37,15 +37,17 @@ class LabelCount:
 @dataclass
 class DatasetSummary:
     """Real and synthetic cases of a dataset per condition label (empty: under 0.2 % foreground,
-    the quality filter's rule), and the synthetic cases' names per label."""
+    the quality filter's rule), and the first few synthetic pairs per label as written (image
+    C x H x W, mask) for the preview."""
 
     real: dict[str, LabelCount] = field(default_factory=dict)
     synthetic: dict[str, LabelCount] = field(default_factory=dict)
-    synthetic_names: dict[str, list[str]] = field(default_factory=dict)
+    synthetic_pairs: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
 
 
-def summarize_dataset(dataset: Path) -> DatasetSummary:
-    """Count real and synthetic cases per label, reading every mask with nnU-Net's reader."""
+def summarize_dataset(dataset: Path, pairs_per_label: int = 8) -> DatasetSummary:
+    """Count real and synthetic cases per label, reading every case once with nnU-Net's reader, and
+    keep the first ``pairs_per_label`` synthetic pairs of each label."""
     from nnunet_integration.cases import case_labels, list_cases, read_dataset_json, synthetic_cases
     from nnunet_integration.formats import dataset_format, read_case
     from pathar_aug.quality_filter import foreground_share, is_empty
@@ -58,32 +60,28 @@ def summarize_dataset(dataset: Path) -> DatasetSummary:
     summary = DatasetSummary()
     for name in sorted(cases):
         label = labels[name] or "(no label)"
-        seg = read_case(dataset, name, cases[name], fmt.reader).seg
+        case = read_case(dataset, name, cases[name], fmt.reader)
         count = (summary.synthetic if name in synthetic else summary.real).setdefault(label, LabelCount())
         count.cases += 1
-        count.empty += is_empty(foreground_share(seg))
-        if name in synthetic:
-            summary.synthetic_names.setdefault(label, []).append(name)
+        count.empty += is_empty(foreground_share(case.seg))
+        kept = summary.synthetic_pairs.setdefault(label, []) if name in synthetic else None
+        if kept is not None and len(kept) < pairs_per_label:
+            kept.append((case.image, case.seg))
     return summary
 
 
-def save_dataset_preview(dataset: Path, names: dict[str, list[str]], path: Path, per_label: int = 8) -> Path:
+def save_dataset_preview(pairs: dict[str, list[tuple[np.ndarray, np.ndarray]]], path: Path) -> Path:
     """One pair of rows per label: synthetic images as written into the dataset, then their masks."""
-    from nnunet_integration.cases import list_cases
-    from nnunet_integration.formats import dataset_format, read_case
     from pathar_aug.preview import save_grid
 
-    fmt = dataset_format(dataset)
-    cases = list_cases(dataset)
     rows, row_names = [], []
-    for label, label_names in sorted(names.items()):
+    for label, label_pairs in sorted(pairs.items()):
         images, masks = [], []
-        for name in label_names[:per_label]:
-            case = read_case(dataset, name, cases[name], fmt.reader)
-            image = np.clip(case.image, 0, 255).astype(np.uint8)
+        for image, seg in label_pairs:
+            image = np.clip(image, 0, 255).astype(np.uint8)
             image = np.repeat(image, 3, axis=0) if image.shape[0] == 1 else image[:3]
             images.append(image.transpose(1, 2, 0))
-            masks.append(np.repeat(((case.seg > 0) * 255).astype(np.uint8)[..., None], 3, axis=2))
+            masks.append(np.repeat(((seg > 0) * 255).astype(np.uint8)[..., None], 3, axis=2))
         rows += [images, masks]
         row_names += [f"{label} image", f"{label} mask"]
     return save_grid(rows, path, names=row_names)
@@ -130,7 +128,7 @@ def run_demo(out: Path, device: torch.device, tokenizer_steps: int, prior_steps:
             verify(dataset)
             plan_and_preprocess(990, num_processes=2)
     summary = summarize_dataset(dataset)
-    preview = save_dataset_preview(dataset, summary.synthetic_names, out / PREVIEW_FILE)
+    preview = save_dataset_preview(summary.synthetic_pairs, out / PREVIEW_FILE)
 
     from pathar_aug.quality_filter import QualityFilter
 

@@ -381,8 +381,11 @@ def train_sampling_stage(run_dir: str | Path, device: torch.device, settings: Ru
     run_dir = Path(run_dir)
     path = run_dir / SAMPLING_FILE
     prior_step = int(load_checkpoint(run_dir / PRIOR_CKPT)["step"])
-    if path.is_file() and json.loads(path.read_text()).get("prior_step", prior_step) == prior_step:
-        return path  # chosen for this prior (files of older versions carry no step: kept)
+    if path.is_file():
+        chosen = json.loads(path.read_text())
+        # chosen for this prior, per label (files of older versions carry no step: kept if per label)
+        if chosen.get("prior_step", prior_step) == prior_step and "per_label" in chosen:
+            return path
     settings = settings or RunInfo.load(run_dir).settings
     from pathar_aug.generator import load_generator  # it imports this module
 
@@ -396,10 +399,12 @@ def train_sampling_stage(run_dir: str | Path, device: torch.device, settings: Ru
                              seed=settings.seed)
     choice.prior_step = prior_step
     save_json(choice.to_json(), path)
-    reporter_for(reporter).log(
-        "  chosen: " + ", ".join(f"{k} {v}" for k, v in choice.chosen.items()) + "; empty masks "
-        + ", ".join(f"{label} {share:.0%} (real {real[label]:.0%})"
-                    for label, share in next(m for m in choice.measured if m["setting"] == choice.chosen)["empty_share"].items()))
+    shares = {label: next(m for m in choice.measured if m["setting"] == own)["empty_share"][label]
+              for label, own in choice.per_label.items()}
+    reporter_for(reporter).log("  chosen per label: " + "; ".join(
+        f"{label} cfg {own['guidance']}, temperature {own['temperature']}, top-k {own['top_k']}, "
+        f"top-p {own['top_p']}: empty masks {shares[label]:.0%} (real {real[label]:.0%})"
+        for label, own in choice.per_label.items()))
     return path
 
 

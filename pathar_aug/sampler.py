@@ -143,6 +143,21 @@ def _decode_chunk(decoder: GuidedDecoder, batch: int, cfg: SamplingConfig, gener
     return S, A
 
 
+def _setting_groups(labels: torch.Tensor, cfg: SamplingConfig) -> list[tuple[SamplingConfig, torch.Tensor]]:
+    """Rows sampled with one setting, in order of first appearance: a single group of all rows
+    unless some label has its own setting (``SamplingConfig.by_label``)."""
+    if not cfg.by_label:
+        return [(cfg, torch.arange(len(labels)))]
+    rows: dict[tuple, list[int]] = {}
+    settings: dict[tuple, SamplingConfig] = {}
+    for row, label in enumerate(labels.tolist()):
+        setting = cfg.for_label(label)
+        key = (setting.guidance, setting.temperature, setting.top_k, setting.top_p)
+        rows.setdefault(key, []).append(row)
+        settings[key] = setting
+    return [(settings[key], torch.tensor(r, dtype=torch.long)) for key, r in rows.items()]
+
+
 def _sample(prior: InterleavedPrior, labels, cfg: SamplingConfig, device, structure, progress, use_cache: bool):
     device = torch.device(device)
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
@@ -161,33 +176,34 @@ def _sample(prior: InterleavedPrior, labels, cfg: SamplingConfig, device, struct
     task = reporting.enter_context(progress.task("sampling", total=total)) if progress is not None else None
     was_training = prior.training
     prior.to(device).eval()
-    out_s, out_a = [], []
+    S_all = torch.empty(total, n, dtype=torch.long)
+    A_all = torch.empty(total, n, dtype=torch.long)
+    done = 0
     try:
         with torch.inference_mode(), autocast(device):
-            for begin in range(0, total, cfg.batch_size):
-                chunk = labels[begin:begin + cfg.batch_size].to(device)
-                given = structure[begin:begin + cfg.batch_size].to(device) if structure is not None else None
-                decoder = GuidedDecoder(prior, chunk, cfg.guidance, use_cache, cfg.compile)
-                advance = len(chunk) / (n + 1)
+            for setting, rows in _setting_groups(labels, cfg):
+                for begin in range(0, len(rows), cfg.batch_size):
+                    index = rows[begin:begin + cfg.batch_size]
+                    chunk = labels[index].to(device)
+                    given = structure[index].to(device) if structure is not None else None
+                    decoder = GuidedDecoder(prior, chunk, setting.guidance, use_cache, cfg.compile)
+                    advance = len(chunk) / (n + 1)
 
-                def on_step() -> None:
+                    def on_step() -> None:
+                        if task is not None:
+                            task.advance(advance)
+
+                    S, A = _decode_chunk(decoder, len(chunk), setting, generator, given, on_step)
+                    S_all[index], A_all[index] = S.cpu(), A.cpu()
+                    del decoder  # free this chunk's cache before the next one is allocated
+                    done += len(chunk)
                     if task is not None:
-                        task.advance(advance)
-
-                S, A = _decode_chunk(decoder, len(chunk), cfg, generator, given, on_step)
-                out_s.append(S.cpu())
-                out_a.append(A.cpu())
-                del decoder  # free this chunk's cache before the next one is allocated
-                if task is not None:
-                    task.update(completed=min(begin + cfg.batch_size, total))
+                        task.update(completed=done)
     finally:
         prior.train(was_training)
         reporting.close()
     h, w = prior.grid
-    empty = torch.empty(0, n, dtype=torch.long)
-    S = torch.cat(out_s) if out_s else empty
-    A = torch.cat(out_a) if out_a else empty
-    return S.view(-1, h, w), A.view(-1, h, w)
+    return S_all.view(-1, h, w), A_all.view(-1, h, w)
 
 
 def sample_tokens(
@@ -204,7 +220,9 @@ def sample_tokens(
     ``structure`` (B, h, w): teacher-force these structure tokens and sample only appearance
     (mask-conditioned rendering); the returned S is then exactly ``structure``. Labels are
     processed in chunks of ``cfg.batch_size`` images (one KV cache per chunk bounds memory); one
-    generator seeded with ``cfg.seed`` runs through the chunks in order. ``progress``: a
+    generator seeded with ``cfg.seed`` runs through the chunks in order. Labels with their own
+    setting (``cfg.by_label``) are chunked apart from the rest, each setting's rows in order of
+    first appearance; the result keeps the order of ``labels``. ``progress``: a
     ``reporter.Reporter`` to report on, or None. ``use_cache=False`` recomputes the whole prefix
     at every step (O(N^2) tokens; ``sample_tokens_nocache``).
     """

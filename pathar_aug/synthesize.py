@@ -1,6 +1,8 @@
 """Generate pairs with a trained run and write them into nnU-Net v2 raw datasets; import real folders."""
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,6 +201,8 @@ def synthesize_into(
     settings = {"model": str(Path(model).resolve()), "mode": "mask-conditioned" if masks_from else "label-only",
                 "masks_from": str(Path(masks_from).resolve()) if masks_from else None, "n": n, "label": label,
                 "per_label": per_label, "batch_size": batch_size, **drawing}
+    if sampling.by_label:  # absent without label settings: earlier batches keep their tags
+        settings["sampling_by_label"] = {generator.label_names[li]: own for li, own in sampling.by_label.items()}
     if channels is not None:  # absent without a conversion: earlier batches keep their tags
         settings["channels"] = channels
     if quality is not None:  # absent without the filter: unfiltered batches keep their earlier tags
@@ -219,7 +223,7 @@ def synthesize_into(
 
     def make_chunk(c: int) -> Iterator[tuple]:  # (name, image, mask) or, scored, (name, image, mask, scores)
         chunk = range(starts[c], min(starts[c] + batch_size, len(labels)))
-        cfg = SamplingConfig(batch_size=batch_size, **{**drawing, "seed": seed * 1_000_003 + c})
+        cfg = dataclasses.replace(sampling, batch_size=batch_size, seed=seed * 1_000_003 + c)
         chunk_labels = [labels[i] for i in chunk]
         if quality is not None and structure_masks is None:
             yield from filtered_chunk(chunk, cfg)

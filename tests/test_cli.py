@@ -82,13 +82,14 @@ def test_end_to_end_import_synthesize_verify_preprocess_clean(trained, nnunet_di
 
     from pathar_aug.demo import save_dataset_preview, summarize_dataset
 
-    summary = summarize_dataset(dataset)
+    summary = summarize_dataset(dataset, pairs_per_label=3)
     assert {k: v.cases for k, v in summary.synthetic.items()} == {"bright": 4, "dark": 4}
     assert sum(v.cases for v in summary.real.values()) == 10
     empty = sum(int((np.asarray(Image.open(dataset / "labelsTr" / f"{c}.png")) > 0).mean() < 0.002)
                 for c in synthetic)
     assert sum(v.empty for v in summary.synthetic.values()) == empty
-    preview = save_dataset_preview(dataset, summary.synthetic_names, dataset.parent / "preview.png", per_label=3)
+    assert {k: len(v) for k, v in summary.synthetic_pairs.items()} == {"bright": 3, "dark": 3}
+    preview = save_dataset_preview(summary.synthetic_pairs, dataset.parent / "preview.png")
     assert Image.open(preview).size[1] > 4 * 32  # two rows (image, mask) per label
     res = runner.invoke(app, ["clean", "--from", "501"])
     assert res.exit_code == 0, res.output

@@ -289,24 +289,77 @@ def test_sampling_defaults_pick_the_setting_whose_empty_share_matches_the_real_o
 
     # a fake prior: colder sampling empties more masks, as a truncated under-trained prior does
     def generate(label_index, n, config):
-        empty = {0.85: 0.9, 0.95: 0.5, 1.0: 0.1}[config.temperature]
+        empty = {0.85: 0.9, 0.95: 0.5, 1.0: 0.1, 1.1: 0.0, 1.2: 0.0}[config.temperature]
         out = torch.zeros(n, 1, 8, 8, dtype=torch.uint8)
         out[int(round(empty * n)):, :, 3:6, 3:6] = 1
         return out
 
     choice = choose_sampling(generate, ["a", "b"], {"a": 0.05, "b": 0.15}, samples_per_label=20)
-    assert choice.chosen == CANDIDATES[2]  # plain sampling: gaps 0.05 against 0.35 and 0.85
-    assert [round(m["max_gap"], 2) for m in choice.measured] == [0.85, 0.45, 0.05]
+    assert choice.chosen == CANDIDATES[2]  # plain sampling: gaps 0.05 against 0.15, 0.45 and 0.85
+    assert [round(m["max_gap"], 2) for m in choice.measured] == [0.85, 0.45, 0.05, 0.15, 0.15]
     # the same largest gap (label a: no setting helps): the other label decides
     def stuck(label_index, n, config):
-        empty = {0.85: 0.9, 0.95: 0.5, 1.0: 0.1}[config.temperature] if label_index == 1 else 0.0
+        empty = {0.85: 0.9, 0.95: 0.5, 1.0: 0.1, 1.1: 0.0, 1.2: 0.0}[config.temperature] if label_index == 1 else 0.0
         out = torch.zeros(n, 1, 8, 8, dtype=torch.uint8)
         out[int(round(empty * n)):, :, 3:6, 3:6] = 1
         return out
 
     choice = choose_sampling(stuck, ["a", "b"], {"a": 0.5, "b": 0.1}, samples_per_label=20)
-    assert [round(m["max_gap"], 2) for m in choice.measured] == [0.8, 0.5, 0.5]
+    assert [round(m["max_gap"], 2) for m in choice.measured] == [0.8, 0.5, 0.5, 0.5, 0.5]
     assert choice.chosen == CANDIDATES[2]  # b's gap 0 against 0.4
     # a full tie keeps the earlier candidate (the paper's setting first)
     tie = choose_sampling(lambda li, n, c: torch.zeros(n, 1, 4, 4), ["a"], {"a": 1.0}, samples_per_label=5)
-    assert tie.chosen == CANDIDATES[0]
+    assert tie.chosen == CANDIDATES[0] and tie.per_label == {"a": CANDIDATES[0]}
+
+
+def test_sampling_defaults_per_label_take_the_coolest_setting_near_the_closest():
+    import torch
+
+    from pathar_aug.sampling_defaults import CANDIDATES, choose_sampling
+
+    # label c (few training images) draws nuclei only when sampled hot; a and b at 0.95 already
+    empty_by_label = [{0.85: 0.6, 0.95: 0.1, 1.0: 0.08, 1.1: 0.05, 1.2: 0.0},
+                      {0.85: 0.5, 0.95: 0.2, 1.0: 0.1, 1.1: 0.0, 1.2: 0.0},
+                      {0.85: 1.0, 0.95: 1.0, 1.0: 0.9, 1.1: 0.7, 1.2: 0.45}]
+
+    def generate(label_index, n, config):
+        out = torch.zeros(n, 1, 8, 8, dtype=torch.uint8)
+        out[int(round(empty_by_label[label_index][config.temperature] * n)):, :, 3:6, 3:6] = 1
+        return out
+
+    choice = choose_sampling(generate, ["a", "b", "c"], {"a": 0.05, "b": 0.1, "c": 0.4}, samples_per_label=20)
+    # a: 1.1 hits 0.05 exactly, but 0.95 is within the slack (gap 0.05): the cooler one stays
+    # b: 1.0 hits 0.1 exactly; 0.95's gap 0.1 is beyond the slack
+    # c: only 1.2 comes near (gap 0.05); every other setting is 0.3 or more away
+    assert choice.per_label == {"a": CANDIDATES[1], "b": CANDIDATES[2], "c": CANDIDATES[4]}
+    assert choice.chosen == CANDIDATES[4]  # one setting for all: the smallest largest gap (c decides)
+    assert choice.to_json()["per_label"]["c"]["temperature"] == 1.2
+
+
+def test_resolved_sampling_gives_each_label_its_own_setting_and_the_command_line_wins(run, tmp_path):
+    import json
+    import shutil
+
+    from pathar_aug.sampler import SamplingConfig
+    from pathar_aug.sampling_defaults import SAMPLING_FILE, describe_sampling, resolve_sampling
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    shutil.copy(run["run"] / "run.json", folder / "run.json")
+    names = json.loads((folder / "run.json").read_text())["data"]["label_names"]
+    assert len(names) >= 2
+    common = {"guidance": 1.5, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    (folder / SAMPLING_FILE).write_text(json.dumps({"chosen": common, "per_label": {
+        names[0]: common, names[1]: {**common, "temperature": 1.2}}}))
+    resolved = resolve_sampling(folder)
+    assert {k: resolved[k] for k in common} == common
+    assert resolved["by_label"] == {1: {"temperature": 1.2}}  # only what differs, by label index
+    config = SamplingConfig(**resolved)
+    assert config.for_label(1).temperature == 1.2 and config.for_label(0).temperature == 1.0
+    assert names[1] + ": temperature 1.2" in describe_sampling(resolved, names)
+    # a value given on the command line applies to every label
+    forced = resolve_sampling(folder, temperature=0.9)
+    assert forced["temperature"] == 0.9 and forced["by_label"] == {}
+    # a file chosen before per-label settings existed: one setting for all
+    (folder / SAMPLING_FILE).write_text(json.dumps({"chosen": common}))
+    assert resolve_sampling(folder)["by_label"] == {}

@@ -232,3 +232,20 @@ def test_sampler_restores_training_mode_and_rejects_bad_labels(prior):
     prior.eval()
     with pytest.raises(ValueError, match="labels"):
         sample_tokens(prior, [LABELS + 1], cfg(), "cpu")
+
+
+def test_labels_with_their_own_setting_are_sampled_with_it(prior):
+    labels = torch.tensor([0, 1, 0, 1, 2])
+    base = sample_tokens(prior, labels, cfg(seed=4), "cpu")
+    # a label setting equal to the common one changes nothing
+    same = sample_tokens(prior, labels, cfg(seed=4, by_label={1: {"temperature": cfg().temperature}}), "cpu")
+    assert torch.equal(base[0], same[0]) and torch.equal(base[1], same[1])
+    # label 1 greedy, the rest as before: label 1's rows are what greedy sampling gives them alone;
+    # labels 0 and 2 come first in the random stream, as if sampled without label 1
+    mixed = sample_tokens(prior, labels, cfg(seed=4, by_label={1: {"temperature": 0.0}}), "cpu")
+    greedy = sample_tokens(prior, torch.tensor([1, 1]), cfg(seed=99, temperature=0.0), "cpu")
+    rest = sample_tokens(prior, torch.tensor([0, 0, 2]), cfg(seed=4), "cpu")
+    for out, alone in zip(mixed, greedy):
+        assert torch.equal(out[[1, 3]], alone)
+    for out, alone in zip(mixed, rest):
+        assert torch.equal(out[[0, 2, 4]], alone)

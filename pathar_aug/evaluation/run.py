@@ -34,6 +34,7 @@ from ..mask_classes import BINARY, class_samples
 from ..pipeline import RunInfo
 from ..reporter import Log, Reporter, reporter_for
 from ..sampler import SamplingConfig
+from ..sampling_defaults import describe_sampling
 from .diversity import LPIPS
 from .features import FeatureExtractor, StyleClassifierFeatures
 from .images import Pair
@@ -294,7 +295,8 @@ def _score(inputs: _Inputs, real: RealSets, sets: dict[str, dict[str, list[Pair]
         "synthetic": inputs.synthetic_what or None,
         "n_per_label": n,
         "patch_size": inputs.patch,
-        "sampling": dataclasses.asdict(sampling) if inputs.synthetic is None and inputs.generator is not None else None,
+        "sampling": _sampling_record(sampling, inputs.generator.label_names)
+        if inputs.synthetic is None and inputs.generator is not None else None,
         "feature_specs": inputs.extractor_specs,
         "diversity": lpips.name if lpips is not None else "mean_pairwise_l2 in each feature space (no local LPIPS weights)",
         "offline_note": OFFLINE_NOTE,
@@ -306,6 +308,11 @@ def _score(inputs: _Inputs, real: RealSets, sets: dict[str, dict[str, list[Pair]
     return EvaluateResult(df, check, out, meta)
 
 
+def _sampling_record(sampling: SamplingConfig, label_names: list[str]) -> dict:
+    """The sampling settings as metadata, each label's own setting under its name."""
+    return {**dataclasses.asdict(sampling), "by_label": {label_names[i]: own for i, own in sampling.by_label.items()}}
+
+
 def _header(meta: Mapping, model_set: str) -> str:
     lines = ["# Generation quality", ""]
     ref = "; ".join(f"{lb}: {d}" for lb, d in meta.get("reference", {}).items())
@@ -314,9 +321,7 @@ def _header(meta: Mapping, model_set: str) -> str:
         lines.append(f"Model: `{meta['model']}`, {meta['n_per_label']} pairs per label (`{model_set}`), "
                      f"patch size {meta['patch_size']} px.")
     if meta.get("sampling"):
-        s = meta["sampling"]
-        lines.append(f"Sampling: cfg {s['guidance']}, temperature {s['temperature']}, top-k {s['top_k']}, "
-                     f"top-p {s['top_p']}, seed {s['seed']}.")
+        lines.append(f"Sampling: {describe_sampling(meta['sampling'])}; seed {meta['sampling']['seed']}.")
     if meta.get("synthetic"):
         lines.append(f"Judged pairs (`{model_set}`): {meta['synthetic']}.")
     lines.append(f"Diversity: {meta['diversity']}. {meta['offline_note']}")

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from pathar_aug.config import save_json
+from pathar_aug.sampling_defaults import describe_sampling
 from pathar_aug.pipeline import RunInfo
 from pathar_aug.study.plan import Plan
 from pathar_aug.study.prepare import Prepared, State
@@ -258,7 +259,8 @@ def write_report(prepared: Prepared, identifier: str, results: dict[str, dict], 
         "generator_text": (f"{model}" + (f" ({run.settings.preset} preset, trained on "
                                           f"{run.data['train_images']} pool images, "
                                           f"{run.data['heldout_images']} held out)" if run else "")),
-        "sampling_text": ", ".join(f"{k.replace('_', '-')} {v}" for k, v in state.data["stages"].get("sampling", {}).items())
+        "sampling_text": (describe_sampling(state.data["stages"]["sampling"], run.label_names if run else ())
+                          if state.data["stages"].get("sampling") else "")
                          + ("; the generator run's own defaults" if all(
                              getattr(settings, k) is None for k in ("guidance", "temperature", "top_k", "top_p")) else ""),
         "filter_text": "per label, candidates that passed the filter's threshold and passing pairs kept (the "
