@@ -287,26 +287,26 @@ def test_sampling_defaults_pick_the_setting_whose_empty_share_matches_the_real_o
     masks[:1, :, 2:5, 2:5] = 1  # one of four holds a nucleus
     assert empty_share(masks) == 0.75
 
-    # a fake prior: colder sampling empties more masks, as a truncated under-trained prior does
-    def generate(label_index, n, config):
-        empty = {0.85: 0.9, 0.95: 0.5, 1.0: 0.1, 1.1: 0.0, 1.2: 0.0}[config.temperature]
-        out = torch.zeros(n, 1, 8, 8, dtype=torch.uint8)
-        out[int(round(empty * n)):, :, 3:6, 3:6] = 1
-        return out
+    def fake(empty_by_label: list[dict[float, float]]):
+        """A fake prior: colder sampling empties more masks, as a truncated under-trained prior does."""
+        def generate(label_index, n, config):
+            out = torch.zeros(n, 1, 8, 8, dtype=torch.uint8)
+            out[int(round(empty_by_label[label_index][config.temperature] * n)):, :, 3:6, 3:6] = 1
+            return out
+        return generate
 
-    choice = choose_sampling(generate, ["a", "b"], {"a": 0.05, "b": 0.15}, samples_per_label=20)
-    assert choice.chosen == CANDIDATES[2]  # plain sampling: gaps 0.05 against 0.15, 0.45 and 0.85
-    assert [round(m["max_gap"], 2) for m in choice.measured] == [0.85, 0.45, 0.05, 0.15, 0.15]
-    # the same largest gap (label a: no setting helps): the other label decides
-    def stuck(label_index, n, config):
-        empty = {0.85: 0.9, 0.95: 0.5, 1.0: 0.1, 1.1: 0.0, 1.2: 0.0}[config.temperature] if label_index == 1 else 0.0
-        out = torch.zeros(n, 1, 8, 8, dtype=torch.uint8)
-        out[int(round(empty * n)):, :, 3:6, 3:6] = 1
-        return out
-
-    choice = choose_sampling(stuck, ["a", "b"], {"a": 0.5, "b": 0.1}, samples_per_label=20)
-    assert [round(m["max_gap"], 2) for m in choice.measured] == [0.8, 0.5, 0.5, 0.5, 0.5]
-    assert choice.chosen == CANDIDATES[2]  # b's gap 0 against 0.4
+    ladder = [c["temperature"] for c in CANDIDATES]
+    assert ladder == sorted(ladder) and CANDIDATES[0] == {"guidance": 1.5, "temperature": 0.85, "top_k": 100,
+                                                          "top_p": 0.92}  # coolest first: the paper's
+    both = dict(zip(ladder, [0.9, 0.5, 0.1] + [0.0] * (len(ladder) - 3)))
+    choice = choose_sampling(fake([both, both]), ["a", "b"], {"a": 0.05, "b": 0.15}, samples_per_label=20)
+    assert choice.chosen == CANDIDATES[2] and choice.per_label == {"a": CANDIDATES[2], "b": CANDIDATES[2]}
+    # each label walks the ladder until its share falls to the real one: a one step further than b
+    assert [sorted(m["empty_share"]) for m in choice.measured] == [["a", "b"]] * 3 + [["a"]]
+    # a label that matches at once stops at the paper's setting; one label each: the cooler is common
+    stuck = dict.fromkeys(ladder, 0.0)
+    choice = choose_sampling(fake([stuck, both]), ["a", "b"], {"a": 0.5, "b": 0.1}, samples_per_label=20)
+    assert choice.per_label == {"a": CANDIDATES[0], "b": CANDIDATES[2]} and choice.chosen == CANDIDATES[0]
     # a full tie keeps the earlier candidate (the paper's setting first)
     tie = choose_sampling(lambda li, n, c: torch.zeros(n, 1, 4, 4), ["a"], {"a": 1.0}, samples_per_label=5)
     assert tie.chosen == CANDIDATES[0] and tie.per_label == {"a": CANDIDATES[0]}
@@ -317,10 +317,11 @@ def test_sampling_defaults_per_label_take_the_coolest_setting_near_the_closest()
 
     from pathar_aug.sampling_defaults import CANDIDATES, choose_sampling
 
-    # label c (few training images) draws nuclei only when sampled hot; a and b at 0.95 already
-    empty_by_label = [{0.85: 0.6, 0.95: 0.1, 1.0: 0.08, 1.1: 0.05, 1.2: 0.0},
-                      {0.85: 0.5, 0.95: 0.2, 1.0: 0.1, 1.1: 0.0, 1.2: 0.0},
-                      {0.85: 1.0, 0.95: 1.0, 1.0: 0.9, 1.1: 0.7, 1.2: 0.45}]
+    ladder = [c["temperature"] for c in CANDIDATES]  # 0.85, 0.95, 1.0, 1.1, 1.2, 1.25, 1.3, 1.4
+    # label c (few training images) draws nuclei only when sampled hot; a and b at 0.95 / 1.0 already
+    empty_by_label = [dict(zip(ladder, [0.6, 0.1, 0.08, 0.05, 0.0, 0.0, 0.0, 0.0])),
+                      dict(zip(ladder, [0.5, 0.2, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0])),
+                      dict(zip(ladder, [1.0, 1.0, 0.9, 0.7, 0.45, 0.35, 0.2, 0.1]))]
 
     def generate(label_index, n, config):
         out = torch.zeros(n, 1, 8, 8, dtype=torch.uint8)
@@ -330,9 +331,10 @@ def test_sampling_defaults_per_label_take_the_coolest_setting_near_the_closest()
     choice = choose_sampling(generate, ["a", "b", "c"], {"a": 0.05, "b": 0.1, "c": 0.4}, samples_per_label=20)
     # a: 1.1 hits 0.05 exactly, but 0.95 is within the slack (gap 0.05): the cooler one stays
     # b: 1.0 hits 0.1 exactly; 0.95's gap 0.1 is beyond the slack
-    # c: only 1.2 comes near (gap 0.05); every other setting is 0.3 or more away
+    # c: 1.2 and 1.25 both 0.05 away (the walk stops at 1.25, the first at or below 0.4): the cooler
     assert choice.per_label == {"a": CANDIDATES[1], "b": CANDIDATES[2], "c": CANDIDATES[4]}
-    assert choice.chosen == CANDIDATES[4]  # one setting for all: the smallest largest gap (c decides)
+    assert max(i for i, m in enumerate(choice.measured) if "c" in m["empty_share"]) == 5  # 1.3, 1.4 not drawn
+    assert choice.chosen == CANDIDATES[1]  # one label each: the coolest is the setting for all
     assert choice.to_json()["per_label"]["c"]["temperature"] == 1.2
 
 
