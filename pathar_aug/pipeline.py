@@ -376,27 +376,30 @@ def train_sampling_stage(run_dir: str | Path, device: torch.device, settings: Ru
     """The run's own sampling defaults (``sampling_defaults``), skipped when chosen already; needs
     the prior and the filter's real statistics."""
     from pathar_aug.quality_filter import QualityFilter
-    from pathar_aug.sampling_defaults import SAMPLES_PER_LABEL, SAMPLING_FILE, choose_sampling
+    from pathar_aug.sampling_defaults import SAMPLES_PER_LABEL, SAMPLING_FILE, SAMPLING_RULE, choose_sampling
 
     run_dir = Path(run_dir)
     path = run_dir / SAMPLING_FILE
     prior_step = int(load_checkpoint(run_dir / PRIOR_CKPT)["step"])
     if path.is_file():
         chosen = json.loads(path.read_text())
-        # chosen for this prior, per label (files of older versions carry no step: kept if per label)
-        if chosen.get("prior_step", prior_step) == prior_step and "per_label" in chosen:
-            return path
+        if chosen.get("prior_step") == prior_step and chosen.get("rule") == SAMPLING_RULE:
+            return path  # chosen for this prior by this rule
     settings = settings or RunInfo.load(run_dir).settings
     from pathar_aug.generator import load_generator  # it imports this module
 
     generator = load_generator(run_dir, device)
-    real = {label: stats.empty_share for label, stats in QualityFilter.load(run_dir, device).stats.items()}
+    quality = QualityFilter.load(run_dir, device)
+    real = {label: stats.empty_share for label, stats in quality.stats.items()}
 
-    def masks(label_index: int, n: int, config: SamplingConfig) -> torch.Tensor:
-        return generator.generate([label_index] * n, config, device)[1]
+    def pairs(label_index: int, n: int, config: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        return generator.generate([label_index] * n, config, device)
 
-    choice = choose_sampling(masks, generator.label_names, real, SAMPLES_PER_LABEL.get(settings.preset, 32),
-                             seed=settings.seed)
+    def agreement(label: str, images: torch.Tensor, masks: torch.Tensor) -> list[float]:
+        return [s.agreement for s in quality.score(images, masks, quality.stats[label].threshold)]
+
+    choice = choose_sampling(pairs, generator.label_names, real, SAMPLES_PER_LABEL.get(settings.preset, 32),
+                             seed=settings.seed, agreement=agreement)
     choice.prior_step = prior_step
     save_json(choice.to_json(), path)
     shares = {label: next(m for m in choice.measured if m["setting"] == own)["empty_share"][label]

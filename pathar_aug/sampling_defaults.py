@@ -5,13 +5,16 @@ for 300 epochs. A prior trained on a CPU budget is less sure of itself, and trun
 distribution drops the rare tokens that draw nuclei: most sampled masks come out empty (measured on
 DSB2018 with 500 prior steps: 63-91 % empty against 0-12 % in the real tiles). So each run walks,
 per label, a ladder of ever hotter settings (the paper's, a milder truncation, then plain sampling
-at temperatures 1.0 to 1.4), measuring the share of empty masks against the label's real share,
-and stops at the first setting that empties no more masks than the real tiles (hotter ones empty
-fewer still). Each label keeps the measured setting closest to its real share; of those within
-``PER_LABEL_SLACK`` of the closest, the coolest, since hotter sampling costs fidelity. Labels
-differ: a modality with few training images (DSB2018's brightfield: 13) needs hotter sampling to
-draw nuclei as often as its real tiles hold them. The setting most labels take is the run's
-setting for all (``chosen``); the others are stored per label.
+at temperatures 1.0 to 1.4), measuring at each the share of empty masks against the label's real
+share and, with the run's quality filter, how well the images agree with their non-empty masks;
+the walk stops at the first setting that empties no more masks than the real tiles (hotter ones
+empty fewer still). Hotter sampling draws nuclei more often but paints them less faithfully, so
+only settings whose agreement is within ``AGREEMENT_SLACK`` of the label's best are eligible; of
+those the label keeps the one closest to its real share (the coolest within ``PER_LABEL_SLACK``).
+Measured on DSB2018: without that guard brightfield (13 training images) went to temperature
+1.25, matching its empty share but losing image-mask agreement and realism, and its filtered pairs
+got worse on every measure. The setting most labels take is the run's setting for all
+(``chosen``); the others are stored per label.
 
 The result lands in RUN/sampling.json; `synthesize`, `demo` and `benchmark` use it unless told
 otherwise (a value given on the command line applies to every label).
@@ -32,7 +35,7 @@ from pathar_aug.sampler import SamplingConfig
 
 SAMPLING_FILE = "sampling.json"  # in the run folder
 SAMPLING_FIELDS = ("guidance", "temperature", "top_k", "top_p")
-SAMPLES_PER_LABEL = {"tiny": 4, "cpu": 48, "paper": 64}  # per candidate: a 10-point gap is then visible
+SAMPLES_PER_LABEL = {"tiny": 4, "cpu": 64, "paper": 64}  # per candidate: a 10-point gap is then visible
 
 # the ladder, coolest first (the paper's setting: it wins ties)
 CANDIDATES: tuple[dict, ...] = (
@@ -41,20 +44,28 @@ CANDIDATES: tuple[dict, ...] = (
     *({"guidance": 1.5, "temperature": t, "top_k": 0, "top_p": 1.0} for t in (1.0, 1.1, 1.2, 1.25, 1.3, 1.4)),
 )
 # a hotter candidate replaces a cooler one for a label only if it is closer by more than this:
-# about the standard error of a share measured on 48 masks
+# about the standard error of a share measured on 64 masks
 PER_LABEL_SLACK = 0.05
+# a setting is eligible for a label if the mean image-mask agreement of its non-empty pairs is at
+# most this far below the label's best (agreement over fewer than MIN_JUDGED pairs is not judged)
+AGREEMENT_SLACK = 0.05
+MIN_JUDGED = 5
+# the rule that made a sampling.json: a file made by another is chosen again at `train --resume`
+SAMPLING_RULE = "per-label ladder, agreement guard"
 
 
 @dataclass
 class SamplingChoice:
-    """The chosen setting and, for every candidate, the empty-mask share per label it produced."""
+    """The chosen settings and, for every candidate drawn, the empty-mask share and the mean
+    agreement of the non-empty pairs per label it produced."""
 
     chosen: dict
     real_empty_share: dict[str, float]
-    measured: list[dict]  # {"setting": {...}, "empty_share": {label: share}, "max_gap": float}
+    measured: list[dict]  # {"setting": {...}, "empty_share": {label: share}, "agreement": {label: mean}}
     samples_per_label: int
     prior_step: int | None = None  # the prior it was chosen for: a prior trained on chooses again
     per_label: dict[str, dict] = dataclasses.field(default_factory=dict)  # label -> its own setting
+    rule: str = SAMPLING_RULE
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -66,27 +77,42 @@ def empty_share(masks: torch.Tensor | Sequence[np.ndarray]) -> float:
     return float(np.mean([is_empty(s) for s in shares])) if shares else 0.0
 
 
-def choose_sampling(generate: Callable[[int, int, SamplingConfig], torch.Tensor], labels: Sequence[str],
+Pairs = tuple[torch.Tensor, torch.Tensor]  # images B x 3 x P x P, masks B x 1 x P x P
+
+
+def choose_sampling(generate: Callable[[int, int, SamplingConfig], Pairs], labels: Sequence[str],
                     real_empty_share: Mapping[str, float], samples_per_label: int, batch_size: int = 32,
-                    seed: int = 0, candidates: Sequence[dict] = CANDIDATES) -> SamplingChoice:
-    """Walk the ladder of ``candidates`` per label on ``samples_per_label`` masks each
-    (``generate(label_index, n, config)`` returns n masks) until the empty share falls to the real
-    one; each label keeps the closest setting (the coolest within ``PER_LABEL_SLACK``), and the
-    setting most labels keep is the one for all (ties: the cooler)."""
+                    seed: int = 0, candidates: Sequence[dict] = CANDIDATES,
+                    agreement: Callable[[str, torch.Tensor, torch.Tensor], list[float]] | None = None
+                    ) -> SamplingChoice:
+    """Walk the ladder of ``candidates`` per label on ``samples_per_label`` pairs each
+    (``generate(label_index, n, config)`` returns n images and masks) until the empty share falls
+    to the real one; each label keeps the closest setting among those whose agreement
+    (``agreement(label, images, masks)``: one value per pair; None: not judged) is near its best,
+    the coolest within ``PER_LABEL_SLACK``. The setting most labels keep is the one for all (ties:
+    the cooler)."""
     if samples_per_label < 1:
         raise ValueError(f"samples_per_label must be >= 1, got {samples_per_label}")
-    measured = [{"setting": dict(setting), "empty_share": {}} for setting in candidates]
+    measured = [{"setting": dict(setting), "empty_share": {}, "agreement": {}} for setting in candidates]
     per_label: dict[str, dict] = {}
     for li, label in enumerate(labels):
-        gaps = []
+        gaps: list[float] = []
+        agrees: list[float | None] = []
         for setting, record in zip(candidates, measured):
             config = SamplingConfig(batch_size=batch_size, seed=seed + li, **setting)
-            share = record["empty_share"][label] = empty_share(generate(li, samples_per_label, config))
+            images, masks = generate(li, samples_per_label, config)
+            share = record["empty_share"][label] = empty_share(masks)
             gaps.append(abs(share - real_empty_share[label]))
+            agrees.append(None)
+            if agreement is not None:
+                values = [v for v, m in zip(agreement(label, images, masks), masks) if not is_empty(foreground_share(np.asarray(m)))]
+                agrees[-1] = record["agreement"][label] = float(np.mean(values)) if len(values) >= MIN_JUDGED else None
             if share <= real_empty_share[label]:
                 break  # hotter settings draw nuclei more often still
-        first = next(i for i, gap in enumerate(gaps) if gap <= min(gaps) + PER_LABEL_SLACK + 1e-9)
-        per_label[label] = dict(candidates[first])
+        judged = [a for a in agrees if a is not None]
+        eligible = [i for i, a in enumerate(agrees) if a is None or a >= max(judged) - AGREEMENT_SLACK]
+        closest = min(gaps[i] for i in eligible)
+        per_label[label] = dict(candidates[next(i for i in eligible if gaps[i] <= closest + PER_LABEL_SLACK + 1e-9)])
     taken = [candidates.index(setting) for setting in per_label.values()]
     common = min(set(taken), key=lambda i: (-taken.count(i), i)) if taken else 0
     return SamplingChoice(dict(candidates[common]), dict(real_empty_share),

@@ -292,7 +292,7 @@ def test_sampling_defaults_pick_the_setting_whose_empty_share_matches_the_real_o
         def generate(label_index, n, config):
             out = torch.zeros(n, 1, 8, 8, dtype=torch.uint8)
             out[int(round(empty_by_label[label_index][config.temperature] * n)):, :, 3:6, 3:6] = 1
-            return out
+            return torch.zeros(n, 3, 8, 8, dtype=torch.uint8), out
         return generate
 
     ladder = [c["temperature"] for c in CANDIDATES]
@@ -308,7 +308,8 @@ def test_sampling_defaults_pick_the_setting_whose_empty_share_matches_the_real_o
     choice = choose_sampling(fake([stuck, both]), ["a", "b"], {"a": 0.5, "b": 0.1}, samples_per_label=20)
     assert choice.per_label == {"a": CANDIDATES[0], "b": CANDIDATES[2]} and choice.chosen == CANDIDATES[0]
     # a full tie keeps the earlier candidate (the paper's setting first)
-    tie = choose_sampling(lambda li, n, c: torch.zeros(n, 1, 4, 4), ["a"], {"a": 1.0}, samples_per_label=5)
+    tie = choose_sampling(lambda li, n, c: (torch.zeros(n, 3, 4, 4), torch.zeros(n, 1, 4, 4)), ["a"], {"a": 1.0},
+                          samples_per_label=5)
     assert tie.chosen == CANDIDATES[0] and tie.per_label == {"a": CANDIDATES[0]}
 
 
@@ -326,7 +327,8 @@ def test_sampling_defaults_per_label_take_the_coolest_setting_near_the_closest()
     def generate(label_index, n, config):
         out = torch.zeros(n, 1, 8, 8, dtype=torch.uint8)
         out[int(round(empty_by_label[label_index][config.temperature] * n)):, :, 3:6, 3:6] = 1
-        return out
+        # the image carries the temperature, so the fake agreement below can read it
+        return torch.full((n, 3, 8, 8), int(config.temperature * 100), dtype=torch.uint8), out
 
     choice = choose_sampling(generate, ["a", "b", "c"], {"a": 0.05, "b": 0.1, "c": 0.4}, samples_per_label=20)
     # a: 1.1 hits 0.05 exactly, but 0.95 is within the slack (gap 0.05): the cooler one stays
@@ -336,6 +338,21 @@ def test_sampling_defaults_per_label_take_the_coolest_setting_near_the_closest()
     assert max(i for i, m in enumerate(choice.measured) if "c" in m["empty_share"]) == 5  # 1.3, 1.4 not drawn
     assert choice.chosen == CANDIDATES[1]  # one label each: the coolest is the setting for all
     assert choice.to_json()["per_label"]["c"]["temperature"] == 1.2
+
+    # the agreement guard: c's images agree with their masks less the hotter they are sampled
+    def fading(label, images, masks):
+        temperature = int(images[0, 0, 0, 0]) / 100
+        return [1.0 if label != "c" else 0.9 - max(0.0, temperature - 1.0)] * len(masks)
+
+    guarded = choose_sampling(generate, ["a", "b", "c"], {"a": 0.05, "b": 0.1, "c": 0.4}, samples_per_label=20,
+                              agreement=fading)
+    # c: judged from 1.1 on (below it, fewer than 5 of 20 masks hold nuclei): 0.8 at 1.1, 0.7 at 1.2,
+    # 0.65 at 1.25; only 1.1 is within 0.05 of the best, and it is closer to 0.4 than the unjudged ones
+    assert guarded.per_label["c"] == CANDIDATES[3]
+    assert guarded.per_label["a"] == CANDIDATES[1] and guarded.per_label["b"] == CANDIDATES[2]
+    record = next(m for m in guarded.measured if m["setting"] == CANDIDATES[4])
+    assert record["agreement"]["c"] == pytest.approx(0.7)
+    assert guarded.measured[2]["agreement"]["c"] is None  # 2 of 20 hold nuclei: not judged
 
 
 def test_resolved_sampling_gives_each_label_its_own_setting_and_the_command_line_wins(run, tmp_path):
