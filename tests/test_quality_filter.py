@@ -313,13 +313,13 @@ def test_sampling_defaults_pick_the_setting_whose_empty_share_matches_the_real_o
     assert tie.chosen == CANDIDATES[0] and tie.per_label == {"a": CANDIDATES[0]}
 
 
-def test_sampling_defaults_per_label_take_the_coolest_setting_near_the_closest():
+def test_sampling_defaults_per_label_take_the_closest_setting_whose_pairs_still_agree():
     import torch
 
-    from pathar_aug.sampling_defaults import CANDIDATES, choose_sampling
+    from pathar_aug.sampling_defaults import CANDIDATES, choose_sampling, empty_share
 
     ladder = [c["temperature"] for c in CANDIDATES]  # 0.85, 0.95, 1.0, 1.1, 1.2, 1.25, 1.3, 1.4
-    # label c (few training images) draws nuclei only when sampled hot; a and b at 0.95 / 1.0 already
+    # label c (few training images) draws nuclei only when sampled hot; a and b cooler already
     empty_by_label = [dict(zip(ladder, [0.6, 0.1, 0.08, 0.05, 0.0, 0.0, 0.0, 0.0])),
                       dict(zip(ladder, [0.5, 0.2, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0])),
                       dict(zip(ladder, [1.0, 1.0, 0.9, 0.7, 0.45, 0.35, 0.2, 0.1]))]
@@ -327,32 +327,36 @@ def test_sampling_defaults_per_label_take_the_coolest_setting_near_the_closest()
     def generate(label_index, n, config):
         out = torch.zeros(n, 1, 8, 8, dtype=torch.uint8)
         out[int(round(empty_by_label[label_index][config.temperature] * n)):, :, 3:6, 3:6] = 1
-        # the image carries the temperature, so the fake agreement below can read it
+        # the image carries the temperature, so the fake agreements below can read it
         return torch.full((n, 3, 8, 8), int(config.temperature * 100), dtype=torch.uint8), out
 
-    choice = choose_sampling(generate, ["a", "b", "c"], {"a": 0.05, "b": 0.1, "c": 0.4}, samples_per_label=20)
-    # a: 1.1 hits 0.05 exactly, but 0.95 is within the slack (gap 0.05): the cooler one stays
-    # b: 1.0 hits 0.1 exactly; 0.95's gap 0.1 is beyond the slack
-    # c: 1.2 and 1.25 both 0.05 away (the walk stops at 1.25, the first at or below 0.4): the cooler
-    assert choice.per_label == {"a": CANDIDATES[1], "b": CANDIDATES[2], "c": CANDIDATES[4]}
-    assert max(i for i, m in enumerate(choice.measured) if "c" in m["empty_share"]) == 5  # 1.3, 1.4 not drawn
-    assert choice.chosen == CANDIDATES[1]  # one label each: the coolest is the setting for all
-    assert choice.to_json()["per_label"]["c"]["temperature"] == 1.2
+    real = {"a": 0.05, "b": 0.1, "c": 0.4}
+    choice = choose_sampling(generate, ["a", "b", "c"], real, samples_per_label=20)
+    # a: 1.1 hits 0.05; b: 1.0 hits 0.1; c: 1.2 and 1.25 both 0.05 away (the walk stops at 1.25, the
+    # first at or below 0.4; 1.3 and 1.4 are never drawn): the cooler
+    assert choice.per_label == {"a": CANDIDATES[3], "b": CANDIDATES[2], "c": CANDIDATES[4]}
+    assert max(i for i, m in enumerate(choice.measured) if "c" in m["empty_share"]) == 5
+    assert choice.chosen == CANDIDATES[2]  # one label each: the coolest is the setting for all
 
-    # the agreement guard: c's images agree with their masks less the hotter they are sampled
-    def fading(label, images, masks):
-        temperature = int(images[0, 0, 0, 0]) / 100
-        return [1.0 if label != "c" else 0.9 - max(0.0, temperature - 1.0)] * len(masks)
+    def fading(which: str):
+        """c's pairs of one kind (empty or non-empty masks) agree less the hotter they are sampled."""
+        def agreement(label, images, masks):
+            heat = max(0.0, int(images[0, 0, 0, 0]) / 100 - 1.0)
+            return [0.9 - heat if label == "c" and (empty_share(m[None]) == 1.0) == (which == "empty") else 1.0
+                    for m in masks]
+        return agreement
 
-    guarded = choose_sampling(generate, ["a", "b", "c"], {"a": 0.05, "b": 0.1, "c": 0.4}, samples_per_label=20,
-                              agreement=fading)
-    # c: judged from 1.1 on (below it, fewer than 5 of 20 masks hold nuclei): 0.8 at 1.1, 0.7 at 1.2,
-    # 0.65 at 1.25; only 1.1 is within 0.05 of the best, and it is closer to 0.4 than the unjudged ones
-    assert guarded.per_label["c"] == CANDIDATES[3]
-    assert guarded.per_label["a"] == CANDIDATES[1] and guarded.per_label["b"] == CANDIDATES[2]
-    record = next(m for m in guarded.measured if m["setting"] == CANDIDATES[4])
-    assert record["agreement"]["c"] == pytest.approx(0.7)
+    # non-empty pairs fade: judged from 1.1 on (below it fewer than 5 of 20 masks hold nuclei):
+    # 0.8 at 1.1, 0.7 at 1.2: only 1.1 is near the best, closer to 0.4 than the unjudged cooler ones
+    guarded = choose_sampling(generate, ["a", "b", "c"], real, samples_per_label=20, agreement=fading("non-empty"))
+    assert guarded.per_label == {"a": CANDIDATES[3], "b": CANDIDATES[2], "c": CANDIDATES[3]}
+    assert next(m for m in guarded.measured if m["setting"] == CANDIDATES[4])["agreement"]["c"] == pytest.approx(0.7)
     assert guarded.measured[2]["agreement"]["c"] is None  # 2 of 20 hold nuclei: not judged
+    # empty pairs fade (hot images of empty masks show nuclei, and the filter drops them): 0.9 up
+    # to 1.0, 0.8 at 1.1: c stays at 1.0
+    guarded = choose_sampling(generate, ["a", "b", "c"], real, samples_per_label=20, agreement=fading("empty"))
+    assert guarded.per_label["c"] == CANDIDATES[2]
+    assert guarded.measured[3]["empty_agreement"]["c"] == pytest.approx(0.8)
 
 
 def test_resolved_sampling_gives_each_label_its_own_setting_and_the_command_line_wins(run, tmp_path):
