@@ -395,18 +395,18 @@ def train_sampling_stage(run_dir: str | Path, device: torch.device, settings: Ru
     def pairs(label_index: int, n: int, config: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
         return generator.generate([label_index] * n, config, device)
 
-    def agreement(label: str, images: torch.Tensor, masks: torch.Tensor) -> list[float]:
-        return [s.agreement for s in quality.score(images, masks, quality.stats[label].threshold)]
+    def select(label: str, images: torch.Tensor, masks: torch.Tensor, keep: int) -> list[int]:
+        return list(quality.select(images, masks, label, keep=keep).kept)
 
     choice = choose_sampling(pairs, generator.label_names, real, SAMPLES_PER_LABEL.get(settings.preset, 32),
-                             seed=settings.seed, agreement=agreement)
+                             seed=settings.seed, select=select)
     choice.prior_step = prior_step
     save_json(choice.to_json(), path)
-    shares = {label: next(m for m in choice.measured if m["setting"] == own)["empty_share"][label]
-              for label, own in choice.per_label.items()}
+    records = {label: next(m for m in choice.measured if m["setting"] == own) for label, own in choice.per_label.items()}
     reporter_for(reporter).log("  chosen per label: " + "; ".join(
         f"{label} cfg {own['guidance']}, temperature {own['temperature']}, top-k {own['top_k']}, "
-        f"top-p {own['top_p']}: empty masks {shares[label]:.0%} (real {real[label]:.0%})"
+        f"top-p {own['top_p']}: empty masks {records[label]['empty_share'][label]:.0%} sampled, "
+        f"{records[label]['kept_empty_share'][label] or 0:.0%} kept by the filter (real {real[label]:.0%})"
         for label, own in choice.per_label.items()))
     return path
 

@@ -313,7 +313,7 @@ def test_sampling_defaults_pick_the_setting_whose_empty_share_matches_the_real_o
     assert tie.chosen == CANDIDATES[0] and tie.per_label == {"a": CANDIDATES[0]}
 
 
-def test_sampling_defaults_per_label_take_the_closest_setting_whose_pairs_still_agree():
+def test_sampling_defaults_per_label_judge_settings_by_what_the_filter_keeps():
     import torch
 
     from pathar_aug.sampling_defaults import CANDIDATES, choose_sampling, empty_share
@@ -338,25 +338,26 @@ def test_sampling_defaults_per_label_take_the_closest_setting_whose_pairs_still_
     assert max(i for i, m in enumerate(choice.measured) if "c" in m["empty_share"]) == 5
     assert choice.chosen == CANDIDATES[2]  # one label each: the coolest is the setting for all
 
-    def fading(which: str):
-        """c's pairs of one kind (empty or non-empty masks) agree less the hotter they are sampled."""
-        def agreement(label, images, masks):
-            heat = max(0.0, int(images[0, 0, 0, 0]) / 100 - 1.0)
-            return [0.9 - heat if label == "c" and (empty_share(m[None]) == 1.0) == (which == "empty") else 1.0
-                    for m in masks]
-        return agreement
+    def filtering(label, images, masks, keep):
+        """A fake quality filter: hot images of c's empty masks show nuclei and fail; empty masks kept
+        at most at the real rate of ``keep``, as QualityFilter.select keeps them."""
+        hot = int(images[0, 0, 0, 0]) / 100 > 1.0
+        empty = [bool(empty_share(m[None]) == 1.0) for m in masks]
+        passing = [i for i, e in enumerate(empty) if not (e and hot and label == "c")]
+        quota = int(real[label] * keep + 0.5)
+        kept_empty = [i for i in passing if empty[i]][:quota]
+        return (kept_empty + [i for i in passing if not empty[i]])[:keep]
 
-    # non-empty pairs fade: judged from 1.1 on (below it fewer than 5 of 20 masks hold nuclei):
-    # 0.8 at 1.1, 0.7 at 1.2: only 1.1 is near the best, closer to 0.4 than the unjudged cooler ones
-    guarded = choose_sampling(generate, ["a", "b", "c"], real, samples_per_label=20, agreement=fading("non-empty"))
-    assert guarded.per_label == {"a": CANDIDATES[3], "b": CANDIDATES[2], "c": CANDIDATES[3]}
-    assert next(m for m in guarded.measured if m["setting"] == CANDIDATES[4])["agreement"]["c"] == pytest.approx(0.7)
-    assert guarded.measured[2]["agreement"]["c"] is None  # 2 of 20 hold nuclei: not judged
-    # empty pairs fade (hot images of empty masks show nuclei, and the filter drops them): 0.9 up
-    # to 1.0, 0.8 at 1.1: c stays at 1.0
-    guarded = choose_sampling(generate, ["a", "b", "c"], real, samples_per_label=20, agreement=fading("empty"))
-    assert guarded.per_label["c"] == CANDIDATES[2]
-    assert guarded.measured[3]["empty_agreement"]["c"] == pytest.approx(0.8)
+    filtered = choose_sampling(generate, ["a", "b", "c"], real, samples_per_label=20, select=filtering)
+    # keep = 6 of 20. a and b: every setting with 6 non-empty pairs keeps none / one empty (real 0.05 /
+    # 0.1 of 6): a tie the sampled share breaks as before. c: at 1.0 the filter keeps 2 of its 18
+    # empties (0.4 of 6) and its 2 non-empty pairs (kept share 0.5, gap 0.1); hotter, no empty pair
+    # passes (gap 0.4); cooler, it keeps only 2 empty pairs (under half the best count of 6)
+    assert filtered.per_label == {"a": CANDIDATES[3], "b": CANDIDATES[2], "c": CANDIDATES[2]}
+    record = filtered.measured[2]
+    assert record["kept"]["c"] == 4 and record["kept_empty_share"]["c"] == pytest.approx(0.5)
+    assert filtered.measured[3]["kept_empty_share"]["c"] == 0.0 and filtered.measured[3]["kept"]["c"] == 6
+    assert filtered.chosen == CANDIDATES[2]
 
 
 def test_resolved_sampling_gives_each_label_its_own_setting_and_the_command_line_wins(run, tmp_path):
