@@ -366,7 +366,7 @@ def train_run(run_dir: str | Path, settings: RunSettings | None, device: torch.d
 
     log("quality filter: a segmenter trained on the real training patches, for synthesize")
     train_filter_stage(run_dir, device, settings=settings, patches=(train_patches, heldout), reporter=reporter)
-    log("sampling defaults (last stage): the setting whose empty-mask share per label is closest to the real one")
+    log("sampling defaults (last stage): per label, the setting whose filtered pairs have the real share of empty masks")
     train_sampling_stage(run_dir, device, settings=settings, reporter=reporter)
     return run_dir
 
