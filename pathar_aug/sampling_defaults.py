@@ -89,8 +89,7 @@ def choose_sampling(generate: Callable[[int, int, SamplingConfig], Pairs], label
     of at most ``keep`` pairs kept) each setting is judged by its kept pairs: the label keeps the
     setting whose kept empty share is closest to the real one (ties: the sampled share, then the
     cooler), among those keeping at least ``MIN_YIELD`` of the best count; without, by the sampled
-    share. The setting
-    most labels keep is the one for all (ties: the cooler)."""
+    share. The setting most labels keep is the one for all (ties: the cooler)."""
     if samples_per_label < 1:
         raise ValueError(f"samples_per_label must be >= 1, got {samples_per_label}")
     keep = max(1, samples_per_label // FILTER_OVERSAMPLE)
@@ -121,7 +120,8 @@ def choose_sampling(generate: Callable[[int, int, SamplingConfig], Pairs], label
         eligible = [i for i, n in enumerate(kept_counts) if n >= MIN_YIELD * max(kept_counts)]
         # the filter's quota makes many settings tie on the kept pairs: then the sampled share decides,
         # so that pairs written without the filter (--no-filter) come out right too
-        per_label[label] = dict(candidates[min(eligible, key=lambda i: (round(gaps[i], 9), round(sampled_gaps[i], 9), i))])
+        best = min(eligible, key=lambda i: (round(gaps[i], 9), round(sampled_gaps[i], 9), i))
+        per_label[label] = dict(candidates[best])
     taken = [candidates.index(setting) for setting in per_label.values()]
     common = min(set(taken), key=lambda i: (-taken.count(i), i)) if taken else 0
     return SamplingChoice(dict(candidates[common]), dict(real_empty_share),

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from pathar_aug.config import save_json
-from pathar_aug.sampling_defaults import describe_sampling
 from pathar_aug.pipeline import RunInfo
+from pathar_aug.sampling_defaults import describe_sampling
 from pathar_aug.study.plan import Plan
 from pathar_aug.study.prepare import Prepared, State
 from pathar_aug.study.settings import (
