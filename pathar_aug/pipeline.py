@@ -376,7 +376,8 @@ def train_sampling_stage(run_dir: str | Path, device: torch.device, settings: Ru
     """The run's own sampling defaults (``sampling_defaults``), skipped when chosen already; needs
     the prior and the filter's real statistics."""
     from pathar_aug.quality_filter import QualityFilter
-    from pathar_aug.sampling_defaults import SAMPLES_PER_LABEL, SAMPLING_FILE, SAMPLING_RULE, choose_sampling
+    from pathar_aug.sampling_defaults import (SAMPLES_PER_LABEL, SAMPLING_FILE, SAMPLING_RULE, choose_sampling,
+                                              describe_sampling)
 
     run_dir = Path(run_dir)
     path = run_dir / SAMPLING_FILE
@@ -404,8 +405,7 @@ def train_sampling_stage(run_dir: str | Path, device: torch.device, settings: Ru
     save_json(choice.to_json(), path)
     records = {label: next(m for m in choice.measured if m["setting"] == own) for label, own in choice.per_label.items()}
     reporter_for(reporter).log("  chosen per label: " + "; ".join(
-        f"{label} cfg {own['guidance']}, temperature {own['temperature']}, top-k {own['top_k']}, "
-        f"top-p {own['top_p']}: empty masks {records[label]['empty_share'][label]:.0%} sampled, "
+        f"{label} {describe_sampling(own)}: empty masks {records[label]['empty_share'][label]:.0%} sampled, "
         f"{records[label]['kept_empty_share'][label] or 0:.0%} kept by the filter (real {real[label]:.0%})"
         for label, own in choice.per_label.items()))
     return path

@@ -128,6 +128,9 @@ def choose_sampling(generate: Callable[[int, int, SamplingConfig], Pairs], label
                           [m for m in measured if m["empty_share"]], samples_per_label, per_label=per_label)
 
 
+_SHORT = {"guidance": "cfg", "top_k": "top-k", "top_p": "top-p"}  # field names as the options spell them
+
+
 def describe_sampling(setting: Mapping, label_names: Sequence[str] = ()) -> str:
     """"cfg 1.5, temperature 1.0, top-k 0, top-p 1.0", then each label's own fields ("; brightfield:
     temperature 1.2"); ``by_label`` keys are label names or indices into ``label_names``."""
@@ -137,9 +140,6 @@ def describe_sampling(setting: Mapping, label_names: Sequence[str] = ()) -> str:
         name = label_names[int(key)] if str(key).isdigit() and int(key) < len(label_names) else key
         text += f"; {name}: " + ", ".join(f"{_SHORT.get(k, k)} {v}" for k, v in own.items())
     return text
-
-
-_SHORT = {"guidance": "cfg", "top_k": "top-k", "top_p": "top-p"}
 
 
 def run_defaults(run_dir: str | Path) -> dict:
