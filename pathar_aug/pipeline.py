@@ -64,7 +64,9 @@ class RunSettings:
     seed: int = 0
     dataset: str | None = None  # an nnU-Net raw dataset read instead of images / masks folders
     init: str | None = None  # a finished run both stages start from (init_from)
-    init_tokenizer: str = "finetune"  # with init: "finetune" or "freeze" its tokenizer
+    # with init: "auto" (frozen if it fits the new tiles), "finetune" or "freeze" its tokenizer; runs
+    # made before "auto" existed have no such field and fine-tuned it
+    init_tokenizer: str = "finetune"
     classes: dict[str, int] | None = None  # mask classes, name -> label id (None: runs of older versions, binary)
     mask_mode: str = "classes"  # "classes": mask values are label ids; "border": instance masks (mask_classes)
 
@@ -128,7 +130,7 @@ class RunInfo:
 def make_settings(images: Path | None, masks: Path | None, labels_csv: Path | None, preset: str,
                   tokenizer_overrides: dict | None = None, prior_overrides: dict | None = None,
                   val_fraction: float = 0.1, seed: int = 0, dataset: Path | None = None,
-                  init: str | Path | None = None, init_tokenizer: str = "finetune", classes: str | None = None,
+                  init: str | Path | None = None, init_tokenizer: str = "auto", classes: str | None = None,
                   mask_mode: str = "classes") -> RunSettings:
     """A run's settings; ``dataset`` (an nnU-Net raw dataset folder) replaces ``images``/``masks``;
     ``init`` names a finished run both stages start from: a folder, or a shipped starting point
@@ -339,7 +341,7 @@ def train_run(run_dir: str | Path, settings: RunSettings | None, device: torch.d
     log("[2/4] tokenizer")
     tok_ckpt = train_tokenizer(train_patches, run_dir / "tokenizer", settings.tokenizer, device,
                                resume=True, seed=settings.seed, reporter=reporter, compile=compile,
-                               init_from=settings.init, freeze=settings.init_tokenizer == "freeze")
+                               init_from=settings.init, init_mode=settings.init_tokenizer)
     distributed.barrier()  # rank 0 has written the final checkpoint
     tokenizer = load_tokenizer(tok_ckpt, device) if main else None
 

@@ -1,6 +1,7 @@
 """Tokenizer stage: train the Dual-VQ tokenizer on patches, with checkpoints, loss CSV and previews."""
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathar_aug.training import (
 )
 
 CHECKPOINT = "tokenizer.pt"
+INIT_FIT = "init_fit.json"  # with --init-tokenizer auto: how the starting tokenizer fit and what was decided
 LOSS_TERMS = ("loss", "rec", "vq_structure", "vq_appearance", "seg")
 
 
@@ -57,12 +59,14 @@ def train_tokenizer(
     reporter: Reporter | None = None,
     compile: bool = False,
     init_from: str | Path | None = None,
-    freeze: bool = False,
+    init_mode: str = "finetune",
 ) -> Path:
     """Train (or resume) the tokenizer; returns the checkpoint path. A finished run returns at once.
 
-    ``init_from``: a new run starts from that run's tokenizer (``init_from``), fine-tuned for the
-    configured steps or, with ``freeze``, kept as it is (no step trained).
+    ``init_from``: a new run starts from that run's tokenizer, fine-tuned for the configured steps
+    (``init_mode`` "finetune"), kept as it is ("freeze": no step trained) or, "auto", frozen when it
+    reconstructs these patches within the fit limits (``init_from.tokenizer_fit``; its figures and
+    the decision go to ``init_fit.json`` and the log), fine-tuned otherwise.
 
     Under torchrun every rank calls this (``distributed``): each trains on its block of the global
     batch with DistributedDataParallel, rank 0 alone writes the log, previews and checkpoints.
@@ -75,7 +79,7 @@ def train_tokenizer(
     torch.manual_seed(seed)
     model = DualVQTokenizer(cfg).to(device)
     opt = make_adamw(model, cfg.lr, cfg.betas, cfg.weight_decay)
-    step, elapsed = 0, 0.0
+    step, elapsed, fit = 0, 0.0, None
     if ckpt_path.exists():
         if not resume:
             raise FileExistsError(f"{ckpt_path} exists; resume it or choose another output folder")
@@ -85,10 +89,13 @@ def train_tokenizer(
         step = state["step"]
         elapsed = float(state.get("elapsed_s", 0.0))
     elif init_from is not None:  # a new run started from another's weights: fine-tuned, or frozen as they are
-        from pathar_aug.init_from import load_tokenizer_weights
+        from pathar_aug.init_from import load_tokenizer_weights, tokenizer_fit
 
         load_tokenizer_weights(model, init_from)
-        if freeze:
+        if init_mode == "auto":  # every rank decides alike: the same patches, the same weights
+            fit = tokenizer_fit(model, patches, device)
+            init_mode = fit["mode"]
+        if init_mode == "freeze":
             step = cfg.steps
     main, rows = distributed.is_main(), distributed.rank_block(cfg.batch_size)
     if not main:  # appearance shuffling draws from this rank's own stream
@@ -98,6 +105,11 @@ def train_tokenizer(
                         model.mask_decoder, model.image_decoder)
     trainer = distributed.wrap(model, device)
     reporter, show_progress = distributed.reporter_of(reporter, show_progress)
+    if fit is not None and main:
+        from pathar_aug.init_from import describe_fit
+
+        (out_dir / INIT_FIT).write_text(json.dumps(fit, indent=1))
+        reporter_for(reporter).log(describe_fit(fit))
     log = LossCSV(out_dir / "tokenizer_loss.csv",
                   [*LOSS_TERMS, "usage_structure", "usage_appearance", "lr", "minutes"], step) if main else None
     started = time.monotonic() - elapsed  # training time across resumed invocations

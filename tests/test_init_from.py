@@ -9,8 +9,10 @@ from typer.testing import CliRunner
 
 from pathar_aug.cli import app
 from pathar_aug.config import from_preset
-from pathar_aug.init_from import InitError, load_prior_weights
+from pathar_aug import init_from
+from pathar_aug.init_from import FIT_MASK_DICE, FIT_PSNR_MARGIN_DB, InitError, load_prior_weights, unfit_labels
 from pathar_aug.prior import PRIOR_PRESETS, InterleavedPrior
+from pathar_aug.train_tokenizer import INIT_FIT
 from tests.conftest import train_tiny_run, write_pair_folders
 
 runner = CliRunner()
@@ -56,10 +58,45 @@ def test_a_run_started_from_another(start, tmp_path):
     out2 = tmp_path / "run2"
     res = runner.invoke(app, ["train", "--images", str(images), "--masks", str(masks), "--preset", "tiny",
                               "--out", str(out2), "--quiet", "--val-fraction", "0.2", "--tokenizer-steps", "2",
-                              "--prior-steps", "2", "--init", str(start["run"])])
+                              "--prior-steps", "2", "--init", str(start["run"]), "--init-tokenizer", "finetune"])
     assert res.exit_code == 0, res.output
     tuned = torch.load(out2 / "tokenizer" / "tokenizer.pt", weights_only=False)
     assert tuned["step"] == 2 and not all(torch.equal(theirs[k], tuned["model"][k]) for k in theirs)
+    assert not (out2 / "tokenizer" / INIT_FIT).exists()  # no fit measured when the mode is given
+
+
+def test_unfit_labels_are_those_outside_either_limit():
+    ok = {"psnr": 30.0, "baseline_psnr": 30.0 + FIT_PSNR_MARGIN_DB - 0.01, "mask_dice": FIT_MASK_DICE}
+    blurry = {**ok, "baseline_psnr": 30.0 + FIT_PSNR_MARGIN_DB + 0.01}
+    torn = {**ok, "mask_dice": FIT_MASK_DICE - 0.001}
+    assert unfit_labels({"a": ok}) == []
+    assert unfit_labels({"c": torn, "a": ok, "b": blurry}) == ["b", "c"]
+
+
+def test_auto_fine_tunes_a_tokenizer_that_does_not_fit_and_freezes_one_that_does(start, tmp_path, monkeypatch):
+    images, masks = write_pair_folders(tmp_path / "data", n=8, size=64, labels=("dark", "other"), seed=3)
+    theirs = torch.load(start["run"] / "tokenizer" / "tokenizer.pt", weights_only=False)["model"]
+
+    def train(out, *extra):
+        res = runner.invoke(app, ["train", "--images", str(images), "--masks", str(masks), "--preset", "tiny",
+                                  "--out", str(out), "--val-fraction", "0.2", "--tokenizer-steps", "2",
+                                  "--prior-steps", "2", "--init", str(start["run"]), *extra])
+        assert res.exit_code == 0, res.output
+        fit = json.loads((out / "tokenizer" / INIT_FIT).read_text())
+        tok = torch.load(out / "tokenizer" / "tokenizer.pt", weights_only=False)
+        return " ".join(res.output.split()), fit, all(torch.equal(theirs[k], tok["model"][k]) for k in theirs)
+
+    # the default; a tokenizer of 4 tiny steps reconstructs nothing well: fine-tuned
+    output, fit, unchanged = train(tmp_path / "tuned")
+    assert fit["mode"] == "finetune" and fit["unfit_labels"] and set(fit["labels"]) == {"dark", "other"}
+    assert not unchanged and "fine-tuned" in output and "starting tokenizer on your tiles" in output
+    assert all(r["patches"] >= 1 and r["baseline_psnr"] > 0 for r in fit["labels"].values())
+
+    # limits it meets: kept frozen, not one step trained
+    monkeypatch.setattr(init_from, "FIT_PSNR_MARGIN_DB", 1000.0)
+    monkeypatch.setattr(init_from, "FIT_MASK_DICE", 0.0)
+    output, fit, unchanged = train(tmp_path / "frozen", "--init-tokenizer", "auto")
+    assert fit["mode"] == "freeze" and fit["unfit_labels"] == [] and unchanged and "kept frozen" in output
 
 
 def test_init_from_another_architecture_or_no_run_is_refused(start, tmp_path):
@@ -145,3 +182,23 @@ def test_the_shipped_dsb2018_starting_point_loads_into_the_cpu_preset():
     prior = InterleavedPrior(from_preset(PRIOR_PRESETS, "cpu"), saved["num_structure_codes"],
                              saved["num_appearance_codes"], saved["grid"], 2)
     assert load_prior_weights(prior, "dsb2018", ["fluorescence", "phase"]) == {"fluorescence": "kept", "phase": "new"}
+
+
+def test_the_shipped_tokenizer_fits_the_bundled_images_and_not_unlike_ones(one_thread):
+    # real images of DSB2018's modalities: within the limits; the same tiles with colours permuted
+    # and inverted (an appearance it never saw): outside them, so "auto" fine-tunes
+    from pathar_aug.ingest import load_pairs
+    from pathar_aug.init_from import load_tokenizer_weights, tokenizer_fit
+    from pathar_aug.patches import make_patches
+    from pathar_aug.tokenizer import TOKENIZER_PRESETS, DualVQTokenizer
+    from tests.conftest import DEMO
+
+    patches = make_patches(load_pairs(DEMO / "images", DEMO / "masks"), 128)
+    patches = patches.subset(list(range(0, len(patches), 4)))  # every label, a quarter of the tiles: quick
+    tokenizer = DualVQTokenizer(from_preset(TOKENIZER_PRESETS, "cpu"))
+    load_tokenizer_weights(tokenizer, "dsb2018")
+    fit = tokenizer_fit(tokenizer, patches, torch.device("cpu"))
+    assert fit["mode"] == "freeze" and set(fit["labels"]) == set(patches.label_names)
+    patches.images = 255 - patches.images[:, [2, 0, 1]]
+    unlike = tokenizer_fit(tokenizer, patches, torch.device("cpu"))
+    assert unlike["mode"] == "finetune" and unlike["unfit_labels"]
