@@ -3,9 +3,10 @@
 A few dozen tiles on a CPU budget cannot teach a tokenizer and a prior from scratch what a larger
 run has already learned about nuclei. Both stages can therefore start from a finished run of the
 same preset: the tokenizer's weights (fine-tuned, frozen as they are, or "auto": frozen when they
-already reconstruct the new tiles as well as the starting run's own held-out ones), and the prior's, its
-label embedding matched by label name — a label the starting run knows keeps its row, a new label
-starts from the mean of the known rows, and the null label (classifier-free guidance) keeps its own.
+already reconstruct the new tiles as well as the starting run's own held-out ones), and the prior's,
+its label embedding matched by label name — a label the starting run knows keeps its row, a new
+label starts from the mean of the known rows, and the null label (classifier-free guidance) keeps
+its own.
 """
 from __future__ import annotations
 
@@ -103,11 +104,9 @@ def describe_fit(fit: dict) -> str:
 
     parts = [f"{label} PSNR {r['psnr']:.1f} dB ({against_baseline(r)}), mask Dice {r['mask_dice']:.3f}"
              for label, r in fit["labels"].items()]
-    limits = fit["limits"]
-    verdict = ("within the limits (at most {psnr_under_baseline_db} dB under, Dice at least {mask_dice}): "
-               "kept frozen" if fit["mode"] == "freeze" else
-               "outside the limits (at most {psnr_under_baseline_db} dB under, Dice at least {mask_dice}) for "
-               + ", ".join(fit["unfit_labels"]) + ": fine-tuned").format(**limits)
+    limits = "at most {psnr_under_baseline_db} dB under, Dice at least {mask_dice}".format(**fit["limits"])
+    verdict = (f"within the limits ({limits}): kept frozen" if fit["mode"] == "freeze" else
+               f"outside the limits ({limits}) for {', '.join(fit['unfit_labels'])}: fine-tuned")
     return f"starting tokenizer on your tiles: {'; '.join(parts)}; {verdict}"
 
 
