@@ -252,6 +252,8 @@ def test_evaluate_sets_end_to_end(real, classifier, segmenter, tmp_path):
         "big_nuclei": {lb: make_pairs(lb, 30, seed=70 + k, radius=(9, 13)) for k, lb in enumerate(STYLES)},
         # mode collapse: one sample repeated
         "collapsed": {lb: [p[0]] * 30 for lb, p in held_out.items()},
+        # half the images show nuclei their (empty) masks do not have
+        "half_empty": {lb: [(i, np.zeros_like(m)) for i, m in p[:15]] + p[15:] for lb, p in held_out.items()},
     }
     _, backbone, lin = _random_lpips_files(tmp_path)
     lpips = LPIPS("alex", backbone, lin, device="cpu")
@@ -281,6 +283,14 @@ def test_evaluate_sets_end_to_end(real, classifier, segmenter, tmp_path):
     assert v("held_out", "style_score") >= 0.95 and v("label_swapped", "style_score") <= 0.05
     assert v("held_out", "image_mask_dice") > 0.8
     assert v("mask_shuffled", "image_mask_dice") < v("held_out", "image_mask_dice") - 0.4
+    # apart: masks with nuclei agree, empty masks under images with nuclei do not
+    assert v("half_empty", "image_mask_dice_on_masks_with_nuclei") > 0.8
+    assert v("half_empty", "image_mask_dice_on_empty_masks") < 0.2
+    assert v("half_empty", "image_mask_dice") == pytest.approx(
+        (v("half_empty", "image_mask_dice_on_masks_with_nuclei") + v("half_empty", "image_mask_dice_on_empty_masks")) / 2)
+    split = df[(df["set"] == "half_empty") & (df["label"] == "histo") & (df["metric"] == "image_mask_dice_on_empty_masks")]
+    assert split["n_gen"].tolist() == [15]
+    assert not ((df["set"] == "held_out") & (df["metric"] == "image_mask_dice_on_empty_masks")).any()  # none empty
     # the real set's own descriptive rows are present as the reference
     assert v("real", "area_mean_px") == pytest.approx(v("copy", "area_mean_px"))
     # diversity: a collapsed set has none, held-out real data about as much as the real set
@@ -304,7 +314,7 @@ def test_evaluate_sets_end_to_end(real, classifier, segmenter, tmp_path):
     assert meta["style_classifier_val_accuracy"] == classifier.val_accuracy
     from PIL import Image
 
-    assert Image.open(out / "grid_histo.png").size[1] == 8 * (48 + 2)  # real + seven sets
+    assert Image.open(out / "grid_histo.png").size[1] == 9 * (48 + 2)  # real + eight sets
 
 
 def test_evaluate_sets_trains_once_then_uses_caches(real, tmp_path, monkeypatch):

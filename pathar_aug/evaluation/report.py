@@ -4,7 +4,8 @@ The result is a long table, one row per (label, set, feature_space, metric), so 
 (real held-out, tokenizer reconstructions, a weak baseline) and the model are simply more named
 sets. ``feature_space`` says where a number was computed: an extractor's name for FID / KID /
 precision / recall / mean_pairwise_l2, the classifier for style_score, the LPIPS variant for
-lpips, ``masks`` for structure statistics and ``segmenter`` for image-mask Dice.
+lpips, ``masks`` for structure statistics and ``segmenter`` for image-mask Dice (also apart for masks
+with nuclei and for empty masks: whether an image shows nuclei where its mask has none).
 
 Multi-class masks (``EvalConfig.mask_classes`` with K > 2 names): the segmenter is K-way, each
 foreground class gets its own image-mask Dice row (``image_mask_dice_<class>``) beside the
@@ -263,8 +264,15 @@ def evaluate_sets(
                 for metric, value in {**compare_mask_stats(r_stats, g_stats), **g_stats.summary()}.items():
                     add(label, set_name, "masks", metric, value, nr, ng)
                 if segmenter is not None:
-                    dice = float(np.mean(segmenter.dice_against(g_pairs)))
+                    dices = segmenter.dice_against(g_pairs)
+                    dice = float(np.mean(dices))
                     add(label, set_name, "segmenter", "image_mask_dice", dice, nr, ng)
+                    # apart: masks with nuclei, and empty masks (1 only where the image shows none)
+                    empty = np.array([not np.any(np.asarray(m) > 0) for _, m in g_pairs])
+                    for part, rows_of in (("on_masks_with_nuclei", ~empty), ("on_empty_masks", empty)):
+                        if rows_of.any():
+                            add(label, set_name, "segmenter", f"image_mask_dice_{part}",
+                                float(np.mean(dices[rows_of])), nr, int(rows_of.sum()))
                     if segmenter.classes > 2:
                         per_class = segmenter.class_dice_against(g_pairs).mean(axis=0)
                         for name, value in zip(cfg.mask_classes[1:], per_class):
