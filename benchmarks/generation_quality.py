@@ -1,6 +1,6 @@
 """Generation quality of the DSB2018 `cpu` run, with the rows that give each number its scale.
 
-    python -m benchmarks.generation_quality [--n 200] [--device auto]
+    python -m benchmarks.generation_quality [--n 200] [--device auto] [--run RUN --name NAME]
 
 Runs exactly what `pathar-aug evaluate` runs, on the shared DSB2018 run folder
 benchmarks/work/dsb2018_cpu (finish it first: `pathar-aug train ... --resume`, or the tokenizer
@@ -24,6 +24,10 @@ Writes benchmarks/results/generation_quality.csv (long table), generation_qualit
 feature space plus the floor / model / weak scale check), generation_quality_scale_check.csv and
 generation_quality_grid_<label>.png. Generated sets, features and evaluator networks are cached in
 benchmarks/work/generation_quality/cache, so a re-run only recomputes what changed.
+
+``--run RUN --name NAME`` judges another run folder of DSB2018 with the same split (the GPU-trained
+runs of ``benchmarks.gpu_generator``) by the same evaluator networks (the cache is shared), into
+benchmarks/results/NAME.csv, NAME.md, NAME_scale_check.csv and NAME_grid_<label>.png.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import os
 import platform
 import shutil
 import time
+from pathlib import Path
 
 import torch
 
@@ -40,6 +45,7 @@ from pathar_aug.device import resolve_device
 from pathar_aug.evaluation import EvalConfig
 from pathar_aug.evaluation.report import grid_name
 from pathar_aug.evaluation.run import evaluate_run
+from pathar_aug.pipeline import RunInfo
 from pathar_aug.sampler import SamplingConfig
 from pathar_aug.sampling_defaults import resolve_sampling
 
@@ -59,13 +65,19 @@ def main() -> None:
     ap.add_argument("--top-p", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--run", type=Path, default=None,
+                    help="another finished DSB2018 run folder (default: the shared `cpu` run, trained on first use)")
+    ap.add_argument("--name", default="generation_quality", help="stem of the result files")
     args = ap.parse_args()
 
     device = resolve_device(args.device)
     start = time.time()
-    run, _, summary = dsb2018_run("cpu")
+    if args.run is None:
+        run, _, summary = dsb2018_run("cpu")
+    else:
+        run, summary = args.run, RunInfo.load(args.run).data
     labels_csv = dsb2018_labels_csv(WORK / "dsb2018_labels.csv")
-    out = WORK / "generation_quality"
+    out = WORK / args.name
     features = ["style", "colour-texture", *(args.features or [])]
     result = evaluate_run(
         model=run, images=DSB_ROOT / "images", masks=DSB_ROOT / "masks", labels_csv=labels_csv, out=out,
@@ -73,31 +85,32 @@ def main() -> None:
         sampling=SamplingConfig(batch_size=args.batch_size, seed=args.seed, **resolve_sampling(
             run, guidance=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)),
         config=EvalConfig(progress=not args.quiet, seed=args.seed), device=device,
-        log=lambda msg: print(msg, flush=True),
+        log=lambda msg: print(msg, flush=True), cache_dir=WORK / "generation_quality" / "cache",
     )
     wall = time.time() - start
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(out / "metrics.csv", RESULTS / "generation_quality.csv")
-    shutil.copyfile(out / "scale_check.csv", RESULTS / "generation_quality_scale_check.csv")
+    shutil.copyfile(out / "metrics.csv", RESULTS / f"{args.name}.csv")
+    shutil.copyfile(out / "scale_check.csv", RESULTS / f"{args.name}_scale_check.csv")
     for label in result.metadata["labels"]:
-        shutil.copyfile(out / f"grid_{grid_name(label)}.png", RESULTS / f"generation_quality_grid_{grid_name(label)}.png")
+        shutil.copyfile(out / f"grid_{grid_name(label)}.png", RESULTS / f"{args.name}_grid_{grid_name(label)}.png")
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     run_note = "\n".join([
         "", "## Run", "",
-        f"`python -m benchmarks.generation_quality --n {args.n}` on {platform.processor() or platform.machine()}, "
+        f"`python -m benchmarks.generation_quality --n {args.n}"
+        + (f" --run {args.run} --name {args.name}" if args.run is not None else "") + f"` on {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads), device {device}; "
         f"wall time {wall / 60:.1f} min"
         + (f", load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}" if load else "") + ".",
-        f"Run folder: benchmarks/work/dsb2018_cpu ({summary['train_images']} training and "
+        f"Run folder: {run if args.run is not None else 'benchmarks/work/dsb2018_cpu'} ({summary['train_images']} training and "
         f"{summary['heldout_images']} held-out source images of DSB2018, labels from metadata.csv's modality heuristic).",
         f"N = {args.n} generated pairs per label (and as many real training patches in the floor row); "
         "the `real` reference holds the held-out patches stated above (at most "
-        f"{args.n_real} per label). Grids: generation_quality_grid_<label>.png.", "",
+        f"{args.n_real} per label). Grids: {args.name}_grid_<label>.png.", "",
     ])
-    (RESULTS / "generation_quality.md").write_text((out / "metrics.md").read_text() + run_note)
+    (RESULTS / f"{args.name}.md").write_text((out / "metrics.md").read_text() + run_note)
     print(result.scale.to_string(index=False))
-    print(f"\nwrote {RESULTS / 'generation_quality.md'} in {wall / 60:.1f} min")
+    print(f"\nwrote {RESULTS / (args.name + '.md')} in {wall / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,12 @@ class TokenizerConfig:
     # reads the layout off A (the token-swap grid shows it), and a sampled A that disagrees with its
     # S yields an image that disagrees with its mask.
     appearance_shuffle: float = 0.0
+    # The same idea across tiles: this share of samples is decoded with the appearance codes of
+    # another sample of its label in the batch (needs the labels; the target stays its own image).
+    # Shuffling alone never shows the decoder the appearance codes of nuclei over an empty S, and
+    # a swapped or sampled A from a tile with nuclei then paints nuclei there (README, "Nuclei
+    # follow S").
+    appearance_partner: float = 0.0
     num_classes: int = 2  # mask classes incl. background; 2 = binary (the paper), K > 2 see module doc
     # optimisation (paper: AdamW beta (0.9, 0.95), weight decay 0.05, lr 1e-4)
     lr: float = 1e-4
@@ -61,8 +67,9 @@ class TokenizerConfig:
             raise ValueError(f"channels needs log2(downsample) + 1 = {int(levels) + 1} entries, got {self.channels}")
         if len(self.res_blocks) != len(self.channels):
             raise ValueError(f"res_blocks needs one entry per resolution ({len(self.channels)}), got {self.res_blocks}")
-        if not 0.0 <= self.appearance_shuffle <= 1.0:
-            raise ValueError(f"appearance_shuffle is a probability, got {self.appearance_shuffle}")
+        for name in ("appearance_shuffle", "appearance_partner"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a probability, got {getattr(self, name)}")
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or not 2 <= self.num_classes <= 255:
             raise ValueError(f"num_classes is a whole number from 2 to 255, got {self.num_classes!r}")
         if self.patch_size % self.downsample:
@@ -201,6 +208,18 @@ def shuffle_positions(codes: torch.Tensor, p: float) -> torch.Tensor:
     return flat.gather(2, perm[:, None, :].expand(b, d, h * w)).view(b, d, h, w)
 
 
+def same_label_partners(labels: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Row indices: with probability p a row gets another row of its label (where the batch has
+    one), else itself."""
+    partner = torch.arange(len(labels))
+    labels = labels.cpu()
+    for i in range(len(labels)):
+        others = torch.nonzero((labels == labels[i]) & (torch.arange(len(labels)) != i)).flatten()
+        if len(others) and torch.rand(1, generator=generator).item() < p:
+            partner[i] = others[torch.randint(len(others), (1,), generator=generator)].item()
+    return partner
+
+
 class DualVQTokenizer(nn.Module):
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
@@ -260,11 +279,15 @@ class DualVQTokenizer(nn.Module):
     def _image_from_codes(self, q_s: torch.Tensor, q_a: torch.Tensor) -> torch.Tensor:
         return self.image_decoder(self.fusion(q_s, q_a))
 
-    def forward(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Losses of Eq. 9 for a batch (uint8 images, masks as ``encode``) plus the tokens and outputs."""
+    def forward(self, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
+        """Losses of Eq. 9 for a batch (uint8 images, masks as ``encode``) plus the tokens and outputs.
+        ``labels`` (B): in training with ``appearance_partner``, whose appearance codes may be swapped."""
         x = images_to_float(images)
         q_s, s, vq_s = self.structure_vq(self.structure_encoder(self._structure_input(masks)))
         q_a, a, vq_a = self.appearance_vq(self.appearance_encoder(x))
+        if self.training and self.cfg.appearance_partner > 0 and labels is not None:
+            q_a = q_a[same_label_partners(labels, self.cfg.appearance_partner).to(q_a.device)]
         if self.training and self.cfg.appearance_shuffle > 0:
             q_a = shuffle_positions(q_a, self.cfg.appearance_shuffle)
         x_hat = self._image_from_codes(q_s, q_a)

@@ -133,7 +133,7 @@ def train_tokenizer(
             for group in opt.param_groups:
                 group["lr"] = lr
             with autocast(device):
-                out = trainer(to_device(images, device), to_device(masks, device))
+                out = trainer(to_device(images, device), to_device(masks, device), patches.labels[idx][rows])
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -166,6 +166,35 @@ def test_shuffled_appearance_only_in_training():
         from_preset(TOKENIZER_PRESETS, "tiny", appearance_shuffle=1.5)
 
 
+def test_appearance_partners_stay_within_the_label():
+    from pathar_aug.tokenizer import same_label_partners
+
+    labels = torch.tensor([0, 1, 0, 2, 1, 0, 1, 0])  # label 2 has a single row: it keeps its own codes
+    assert torch.equal(same_label_partners(labels, 0.0), torch.arange(8))
+    generator = torch.Generator().manual_seed(0)
+    partner = same_label_partners(labels, 1.0, generator)
+    assert torch.equal(labels[partner], labels)
+    moved = partner != torch.arange(8)
+    assert moved.tolist() == [True, True, True, False, True, True, True, True]
+
+
+def test_appearance_partner_changes_training_only_where_the_label_repeats():
+    cfg = from_preset(TOKENIZER_PRESETS, "tiny", appearance_partner=1.0)
+    model = DualVQTokenizer(cfg)
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    masks = (torch.rand(3, 1, 32, 32) > 0.5).to(torch.uint8)
+    with torch.no_grad():
+        model.train()(images, masks)  # the first training forward initialises the codebooks
+        plain = model(images, masks)["image"]
+        alone = model(images, masks, torch.tensor([0, 1, 2]))["image"]  # no partner of any label
+        paired = model(images, masks, torch.tensor([0, 0, 2]))["image"]
+    assert torch.allclose(alone, plain, atol=1e-6)
+    assert not torch.allclose(paired[:2], plain[:2], atol=1e-4)  # the two rows of label 0 traded codes
+    assert torch.allclose(paired[2], plain[2], atol=1e-6)
+    with pytest.raises(ValueError, match="appearance_partner"):
+        from_preset(TOKENIZER_PRESETS, "tiny", appearance_partner=-0.1)
+
+
 # ---------------------------------------------------------------------- multi-class masks
 def test_k_way_tokenizer_shapes_and_loss():
     cfg = dataclasses.replace(TOKENIZER_PRESETS["tiny"], num_classes=3)
