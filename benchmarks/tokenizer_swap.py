@@ -1,0 +1,118 @@
+"""Does partner appearance make nuclei follow S at the CPU scale too? Tokenizers alone, side by side.
+
+    python -m benchmarks.tokenizer_swap [--partner 0.5] [--steps 1200] [--n 200]
+
+Trains a `cpu`-preset tokenizer with ``TokenizerConfig.appearance_partner = --partner`` on the
+DSB2018 split of benchmarks/work/dsb2018_gpu (seed 0, 20 % of each modality's source images held
+out; run ``benchmarks.gpu_generator unpack`` first) on this machine, at the preset's own scale
+(1,200 steps of 16; resumable: the same command goes on), then judges it beside the shipped
+starting point's tokenizer (the same preset and scale, without partner) and the GPU-trained ones:
+per modality, on ``--n`` held-out tiles, reconstruction PSNR and the swap consistency of
+``generation_quality`` — structure of a held-out tile, appearance of another of any label, the
+image segmented by the evaluation's own segmenter (cached by ``generation_quality``: run that
+first) against the mask decoded from the structure — split into structures with nuclei and empty
+structures (the share of images left clean). Every tokenizer sees the same tiles and the same
+swaps. Writes benchmarks/results/tokenizer_swap.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.common import RESULTS, WORK
+from pathar_aug import starting_points
+from pathar_aug.evaluation.segmenter import Segmenter
+from pathar_aug.evaluation.sets import reconstruct, swap_partners, swap_pairs
+from pathar_aug.metrics import psnr
+from pathar_aug.pipeline import TOKENIZER_CKPT, load_patches
+from pathar_aug.tokenizer import TOKENIZER_PRESETS
+from pathar_aug.train_tokenizer import load_tokenizer, train_tokenizer
+
+SPLIT_RUN = WORK / "dsb2018_gpu"
+
+
+def as_pairs(patches, label_names: list[str], n: int, seed: int = 0) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    """Per label, up to n (H x W x 3 image, H x W mask) held-out tiles, the same for every tokenizer."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for li, label in enumerate(label_names):
+        idx = torch.nonzero(patches.labels == li).flatten().numpy()
+        idx = np.sort(rng.permutation(idx)[:n])
+        out[label] = [(patches.images[i].permute(1, 2, 0).numpy(), patches.masks[i, 0].numpy()) for i in idx]
+    return out
+
+
+def judge(tokenizer, reference: dict, swaps: dict, segmenter: Segmenter, device: torch.device) -> dict:
+    out = {}
+    for label in sorted(reference):
+        real = reference[label]
+        rec_images, _ = reconstruct(tokenizer, real, device)
+        targets = torch.from_numpy(np.stack([img for img, _ in real])).permute(0, 3, 1, 2)
+        s_images, s_masks = swap_pairs(tokenizer, [s for s, _ in swaps[label]], [a for _, a in swaps[label]], device)
+        pairs = list(zip(s_images.permute(0, 2, 3, 1).numpy(), s_masks[:, 0].numpy()))
+        dice = segmenter.dice_against(pairs)
+        empty = np.array([not m.any() for _, m in pairs])
+        out[label] = {
+            "reconstruction_psnr": psnr(rec_images, targets),  # over all pixels of the label's tiles
+            "swap_consistency": float(dice.mean()),
+            "swap_dice_with_nuclei": float(dice[~empty].mean()) if (~empty).any() else None,
+            "swap_clean_on_empty": float(dice[empty].mean()) if empty.any() else None,
+            "swaps": len(pairs), "empty_structures": int(empty.sum()),
+        }
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--partner", type=float, default=0.5)
+    ap.add_argument("--steps", type=int, default=None, help="tokenizer steps (default: the cpu preset's)")
+    ap.add_argument("--n", type=int, default=200, help="held-out tiles and swaps per modality")
+    args = ap.parse_args()
+    device = torch.device("cpu")
+    train, heldout = load_patches(SPLIT_RUN)
+    cfg = dataclasses.replace(TOKENIZER_PRESETS["cpu"], appearance_partner=args.partner,
+                              **({"steps": args.steps} if args.steps else {}))
+    out_dir = WORK / f"tokenizer_cpu_partner{args.partner:g}"
+    start = time.time()
+    ckpt = train_tokenizer(train, out_dir, cfg, device, resume=True, seed=0)
+    trained_min = float(torch.load(ckpt, map_location="cpu", weights_only=False).get("elapsed_s", 0.0)) / 60
+
+    segmenters = sorted((WORK / "generation_quality" / "cache").glob("segmenter-*.pt"))
+    if len(segmenters) != 1:
+        raise SystemExit(f"expected the evaluation's one cached segmenter, found {len(segmenters)}: "
+                         "run benchmarks.generation_quality first")
+    segmenter = Segmenter.load(segmenters[0], "cpu")
+    reference = as_pairs(heldout, heldout.label_names, args.n)
+    swaps = swap_partners(reference, args.n, seed=0)
+    tokenizers = {
+        "shipped (cpu preset, no partner, 1,200 x 16)": starting_points.resolve("dsb2018") / TOKENIZER_CKPT,
+        f"cpu preset + partner {args.partner:g} ({cfg.steps} x {cfg.batch_size}, this machine)": ckpt,
+        "GPU (2,800 x 64, no partner)": WORK / "dsb2018_gpu" / TOKENIZER_CKPT,
+        "GPU + partner 0.5 (2,800 x 64)": WORK / "dsb2018_gpu_partner" / TOKENIZER_CKPT,
+    }
+    result = {"command": f"python -m benchmarks.tokenizer_swap --partner {args.partner:g}"
+                         + (f" --steps {args.steps}" if args.steps else "") + f" --n {args.n}",
+              "partner_training_minutes": round(trained_min, 1), "segmenter": segmenters[0].name,
+              "real_tiles_segmenter_dice": {lb: float(segmenter.dice_against(reference[lb]).mean()) for lb in reference},
+              "tokenizers": {}}
+    for name, path in tokenizers.items():
+        if not Path(path).is_file():
+            print(f"skipped {name}: no {path}")
+            continue
+        tokenizer = load_tokenizer(path, device).float().eval()
+        figures = judge(tokenizer, reference, swaps, segmenter, device)
+        result["tokenizers"][name] = figures
+        print(name, json.dumps({lb: round(v["swap_consistency"], 3) for lb, v in figures.items()}), flush=True)
+    result["wall_minutes"] = round((time.time() - start) / 60, 1)
+    (RESULTS / "tokenizer_swap.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {RESULTS / 'tokenizer_swap.json'}")
+
+
+if __name__ == "__main__":
+    main()
