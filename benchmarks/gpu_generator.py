@@ -17,6 +17,11 @@ the PNGs' pixels exactly, checked while packing) so that data and repository tra
 within the device machine's 64 MiB; ``train`` writes PNGs again before the run ingests them.
 ``train`` writes into OUT the run folder without its data and token caches, optimizer states
 dropped, as ``run.tgz.NN`` pieces under 16 MB, and ``train.log``.
+
+The two committed runs (README, "Trained on one GPU"), each one device call with .gpu_data carried:
+    PYTHONPATH=$PWD python3 -m benchmarks.gpu_generator train $OUT --budget-s 390
+    PYTHONPATH=$PWD python3 -m benchmarks.gpu_generator train $OUT --budget-s 310 \
+        --appearance-partner 0.5 --tokenizer-steps 2800 --prior-steps 8300
 """
 from __future__ import annotations
 
