@@ -14,14 +14,16 @@ VAL_FRACTION = 0.2  # of each modality's source images, held out from every gene
 DSB_ROOT = Path(os.environ.get("PATHAR_DSB2018", REPO.parent / "shared" / "data" / "dsb2018"))
 
 
-def dsb2018_labels_csv(path: Path) -> Path:
-    """Write the ``name,label`` CSV pathar-aug reads, from metadata.csv's modality heuristic."""
+def dsb2018_labels_csv(path: Path, root: Path = DSB_ROOT) -> Path:
+    """Write the ``name,label`` CSV pathar-aug reads, from metadata.csv's modality heuristic, for
+    the images ``root/images`` holds (all of them, except in a subset made for a quick check)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with (DSB_ROOT / "metadata.csv").open() as f, path.open("w", newline="") as out:
+    with (root / "metadata.csv").open() as f, path.open("w", newline="") as out:
         writer = csv.writer(out)
         writer.writerow(["name", "label"])
         for row in csv.DictReader(f):
-            writer.writerow([row["id"], row["modality_heuristic"]])
+            if (root / "images" / f"{row['id']}.png").is_file():
+                writer.writerow([row["id"], row["modality_heuristic"]])
     return path
 
 

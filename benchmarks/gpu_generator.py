@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks.common import DSB_ROOT, REPO, RESULTS, VAL_FRACTION, WORK
+from benchmarks.common import DSB_ROOT, REPO, RESULTS, VAL_FRACTION, WORK, dsb2018_labels_csv
 
 PACKED = REPO / ".gpu_data"
 PIECE_BYTES = 15 * 1024 * 1024
@@ -81,16 +81,6 @@ def _unpack_data(dest: Path, max_images: int | None = None) -> Path:
     return dest
 
 
-def _labels_csv(root: Path, path: Path) -> Path:
-    with (root / "metadata.csv").open() as f, path.open("w", newline="") as out:
-        writer = csv.writer(out)
-        writer.writerow(["name", "label"])
-        for row in csv.DictReader(f):
-            if (root / "images" / f"{row['id']}.png").is_file():
-                writer.writerow([row["id"], row["modality_heuristic"]])
-    return path
-
-
 def _steps_for(seconds: float, probe_s: float) -> int:
     """Steps that fit ``seconds`` at the probe's pace (its start-up counted in: errs short), in hundreds."""
     return max(100, int(seconds / (probe_s / PROBE_STEPS)) // 100 * 100)
@@ -129,10 +119,12 @@ def train(out: Path, budget_s: float, preset: str = "cpu", max_images: int | Non
 
     device = resolve_device("auto")
     log(f"device {device} ({torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}), torch {torch.__version__}")
-    data = _unpack_data(Path("/tmp/dsb2018") if device.type == "cuda" else WORK / "gpu_generator_data", max_images)
-    labels = _labels_csv(data, data / "labels.csv")
+    # a quick check on CPU works in a folder of its own: never in the unpacked runs of benchmarks/work
+    base = Path("/tmp") if device.type == "cuda" else WORK / "gpu_generator_check"
+    data = _unpack_data(base / "dsb2018", max_images)
+    labels = dsb2018_labels_csv(data / "labels.csv", root=data)
     log("data unpacked")
-    run = (Path("/tmp") if device.type == "cuda" else WORK) / ("dsb2018_gpu" + ("_partner" if appearance_partner else ""))
+    run = base / ("dsb2018_gpu" + ("_partner" if appearance_partner else ""))
     scratch = run.with_name("dsb2018_gpu_probe")
     shutil.rmtree(scratch, ignore_errors=True)
     settings = make_settings(data / "images", data / "masks", labels, preset,
@@ -227,7 +219,6 @@ def _export(run: Path, out: Path, log) -> None:
 def unpack(files: Path, run: Path) -> None:
     """The returned pieces -> ``run``, its data paths pointed at the local DSB2018 (same pixels), its
     data stage rebuilt (the same deterministic split and tiling) so that ``--resume`` works here."""
-    from benchmarks.common import dsb2018_labels_csv
     from pathar_aug.pipeline import RunInfo, load_run_samples
     from pathar_aug.patches import make_patches, split_by_image
     from pathar_aug.training import save_checkpoint

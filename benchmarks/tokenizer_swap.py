@@ -27,9 +27,11 @@ import torch
 
 from benchmarks.common import RESULTS, WORK
 from pathar_aug import starting_points
+from pathar_aug.evaluation.report import dice_apart
 from pathar_aug.evaluation.segmenter import Segmenter
-from pathar_aug.evaluation.sets import reconstruct, swap_partners, swap_pairs
-from pathar_aug.metrics import psnr
+from pathar_aug.evaluation.sets import swap_pairs, swap_partners
+from pathar_aug.metrics import reconstruction_report
+from pathar_aug.patches import PatchSet
 from pathar_aug.pipeline import TOKENIZER_CKPT, load_patches
 from pathar_aug.tokenizer import TOKENIZER_PRESETS
 from pathar_aug.train_tokenizer import load_tokenizer, train_tokenizer
@@ -37,33 +39,35 @@ from pathar_aug.train_tokenizer import load_tokenizer, train_tokenizer
 SPLIT_RUN = WORK / "dsb2018_gpu"
 
 
-def as_pairs(patches, label_names: list[str], n: int, seed: int = 0) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
-    """Per label, up to n (H x W x 3 image, H x W mask) held-out tiles, the same for every tokenizer."""
+def held_out_tiles(patches: PatchSet, n: int, seed: int = 0) -> PatchSet:
+    """Up to n held-out tiles per label, the same for every tokenizer."""
     rng = np.random.default_rng(seed)
-    out = {}
-    for li, label in enumerate(label_names):
-        idx = torch.nonzero(patches.labels == li).flatten().numpy()
-        idx = np.sort(rng.permutation(idx)[:n])
-        out[label] = [(patches.images[i].permute(1, 2, 0).numpy(), patches.masks[i, 0].numpy()) for i in idx]
-    return out
+    chosen = [np.sort(rng.permutation(torch.nonzero(patches.labels == li).flatten().numpy())[:n])
+              for li in range(len(patches.label_names))]
+    return patches.subset(torch.from_numpy(np.concatenate(chosen)))
 
 
-def judge(tokenizer, reference: dict, swaps: dict, segmenter: Segmenter, device: torch.device) -> dict:
+def as_pairs(patches: PatchSet) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    """Per label, (H x W x 3 image, H x W mask) pairs, as the evaluation holds them."""
+    return {label: [(patches.images[i].permute(1, 2, 0).numpy(), patches.masks[i, 0].numpy())
+                    for i in torch.nonzero(patches.labels == li).flatten().tolist()]
+            for li, label in enumerate(patches.label_names)}
+
+
+def judge(tokenizer, tiles: PatchSet, swaps: dict, segmenter: Segmenter, device: torch.device) -> dict:
+    recon = reconstruction_report(tokenizer, tiles, device)
     out = {}
-    for label in sorted(reference):
-        real = reference[label]
-        rec_images, _ = reconstruct(tokenizer, real, device)
-        targets = torch.from_numpy(np.stack([img for img, _ in real])).permute(0, 3, 1, 2)
+    for label in sorted(swaps):
         s_images, s_masks = swap_pairs(tokenizer, [s for s, _ in swaps[label]], [a for _, a in swaps[label]], device)
         pairs = list(zip(s_images.permute(0, 2, 3, 1).numpy(), s_masks[:, 0].numpy()))
         dice = segmenter.dice_against(pairs)
-        empty = np.array([not m.any() for _, m in pairs])
+        apart = dice_apart(dice, pairs)
         out[label] = {
-            "reconstruction_psnr": psnr(rec_images, targets),  # over all pixels of the label's tiles
+            "reconstruction_psnr": recon[label]["psnr"],  # over all pixels of the label's tiles
             "swap_consistency": float(dice.mean()),
-            "swap_dice_with_nuclei": float(dice[~empty].mean()) if (~empty).any() else None,
-            "swap_clean_on_empty": float(dice[empty].mean()) if empty.any() else None,
-            "swaps": len(pairs), "empty_structures": int(empty.sum()),
+            "swap_dice_with_nuclei": apart.get("on_masks_with_nuclei", (None, 0))[0],
+            "swap_clean_on_empty": apart.get("on_empty_masks", (None, 0))[0],
+            "swaps": len(pairs), "empty_structures": apart.get("on_empty_masks", (None, 0))[1],
         }
     return out
 
@@ -88,7 +92,8 @@ def main() -> None:
         raise SystemExit(f"expected the evaluation's one cached segmenter, found {len(segmenters)}: "
                          "run benchmarks.generation_quality first")
     segmenter = Segmenter.load(segmenters[0], "cpu")
-    reference = as_pairs(heldout, heldout.label_names, args.n)
+    tiles = held_out_tiles(heldout, args.n)
+    reference = as_pairs(tiles)
     swaps = swap_partners(reference, args.n, seed=0)
     tokenizers = {
         "shipped (cpu preset, no partner, 1,200 x 16)": starting_points.resolve("dsb2018") / TOKENIZER_CKPT,
@@ -106,7 +111,7 @@ def main() -> None:
             print(f"skipped {name}: no {path}")
             continue
         tokenizer = load_tokenizer(path, device).float().eval()
-        figures = judge(tokenizer, reference, swaps, segmenter, device)
+        figures = judge(tokenizer, tiles, swaps, segmenter, device)
         result["tokenizers"][name] = figures
         print(name, json.dumps({lb: round(v["swap_consistency"], 3) for lb, v in figures.items()}), flush=True)
     result["wall_minutes"] = round((time.time() - start) / 60, 1)

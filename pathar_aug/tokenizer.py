@@ -211,13 +211,13 @@ def shuffle_positions(codes: torch.Tensor, p: float) -> torch.Tensor:
 def same_label_partners(labels: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Row indices: with probability p a row gets another row of its label (where the batch has
     one), else itself."""
-    partner = torch.arange(len(labels))
     labels = labels.cpu()
-    for i in range(len(labels)):
-        others = torch.nonzero((labels == labels[i]) & (torch.arange(len(labels)) != i)).flatten()
-        if len(others) and torch.rand(1, generator=generator).item() < p:
-            partner[i] = others[torch.randint(len(others), (1,), generator=generator)].item()
-    return partner
+    rows = torch.arange(len(labels))
+    others = (labels[:, None] == labels[None, :]) & (rows[:, None] != rows[None, :])
+    # a uniform draw among each row's others: the largest of random scores where allowed
+    scores = torch.rand(others.shape, generator=generator).masked_fill(~others, -1.0)
+    swap = others.any(1) & (torch.rand(len(labels), generator=generator) < p)
+    return torch.where(swap, scores.argmax(1), rows)
 
 
 class DualVQTokenizer(nn.Module):

@@ -136,6 +136,14 @@ def cached_style_classifier(
     return clf
 
 
+def dice_apart(dices: np.ndarray, pairs: Sequence[Pair]) -> dict[str, tuple[float, int]]:
+    """Per-pair image-mask Dice averaged apart over masks with nuclei and over empty masks (there
+    the Dice is 1 only where the segmenter finds nothing in the image): part -> (mean, pairs)."""
+    empty = np.array([not np.any(np.asarray(m) > 0) for _, m in pairs])
+    return {part: (float(np.mean(dices[rows])), int(rows.sum()))
+            for part, rows in (("on_masks_with_nuclei", ~empty), ("on_empty_masks", empty)) if rows.any()}
+
+
 def _cached_segmenter(real: Mapping[str, list[Pair]], cfg: EvalConfig, cache_dir: Path | None,
                       reporter: Reporter | None) -> Segmenter:
     pairs = [p for label in sorted(real) for p in real[label]]
@@ -267,12 +275,8 @@ def evaluate_sets(
                     dices = segmenter.dice_against(g_pairs)
                     dice = float(np.mean(dices))
                     add(label, set_name, "segmenter", "image_mask_dice", dice, nr, ng)
-                    # apart: masks with nuclei, and empty masks (1 only where the image shows none)
-                    empty = np.array([not np.any(np.asarray(m) > 0) for _, m in g_pairs])
-                    for part, rows_of in (("on_masks_with_nuclei", ~empty), ("on_empty_masks", empty)):
-                        if rows_of.any():
-                            add(label, set_name, "segmenter", f"image_mask_dice_{part}",
-                                float(np.mean(dices[rows_of])), nr, int(rows_of.sum()))
+                    for part, (value, count) in dice_apart(dices, g_pairs).items():
+                        add(label, set_name, "segmenter", f"image_mask_dice_{part}", value, nr, count)
                     if segmenter.classes > 2:
                         per_class = segmenter.class_dice_against(g_pairs).mean(axis=0)
                         for name, value in zip(cfg.mask_classes[1:], per_class):
