@@ -25,6 +25,7 @@ from pathar_aug.study import (  # noqa: E402
     KIND_CLASSICAL, KIND_GENERATED, KIND_REAL, KIND_RENDERED, BenchmarkSettings, plan_groups, prepare,
 )
 from pathar_aug.classical_augment import ClassicalAugment, augment_pair, dihedral_np, expand  # noqa: E402
+from pathar_aug.study.evaluate import curve_folds  # noqa: E402
 from pathar_aug.cli import app  # noqa: E402
 from tests.conftest import write_pair_folders  # noqa: E402
 
@@ -229,6 +230,15 @@ def test_plan_groups_follows_the_paper_and_the_flags():
     assert len({g.key for g in groups}) == len(groups)
     assert len(plan_groups(30, (0, 100, 200), extra_rows="all")) == 1 + 1 + 2 + 2 * 2
     assert [g.numeral for g in plan_groups(30, (0, 100), synthetic_only=0, extra_rows="none")] == ["I", "II"]
+    # --no-unfiltered: group I and the filtered row only, which then carries the synthetic learning curve
+    only_filtered = plan_groups(30, (0, 200), synthetic_only=0, extra_kinds=("filtered",), unfiltered=False)
+    assert [(g.numeral, g.description) for g in only_filtered] == [("I", "30 real"),
+                                                                   ("II", "30 real + 200 filtered synthetic")]
+    settings = BenchmarkSettings(real=30, synthetic=(0, 200), synthetic_only=0, extra_kinds=("filtered",),
+                                 unfiltered=False, seeds=2)
+    assert settings.groups == only_filtered and settings.to_json()["unfiltered"] is False
+    assert curve_folds(settings) == {("r30", 0), ("r30", 1), ("r30-f200", 0)}
+    assert "unfiltered" not in BenchmarkSettings(synthetic=(0, 200)).to_json()  # older folders resume
     for bad in (dict(real=0, synthetic=(0,)), dict(real=3, synthetic=(-1,)),
                 dict(real=3, synthetic=(0,), extra_rows="some")):
         with pytest.raises(ValueError):

@@ -17,6 +17,7 @@ from pathar_aug.mask_classes import BINARY, MaskClasses
 from pathar_aug.study.plan import CLASSES_FILE, INSTANCES_FILE, Plan
 from pathar_aug.study.prepare import Prepared, State
 from pathar_aug.study.settings import (
+    KIND_FILTERED,
     KIND_GENERATED,
     KIND_REAL,
     METRICS,
@@ -33,12 +34,14 @@ def _fold_signature(checkpoint: Path) -> list[int]:
 def curve_folds(settings: BenchmarkSettings) -> set[tuple[str, int]]:
     """(group key, seed) of the folds whose learning curve is measured: group I in every seed (the
     plateau that sizes the schedule) and the largest real + synthetic group in seed 0 (the most data
-    for the same iterations: does it plateau too?)."""
+    for the same iterations: does it plateau too?; the filtered one when the study has no unfiltered
+    rows)."""
     if not settings.curve:
         return set()
     groups = settings.groups
     picked = {(groups[0].key, k) for k in range(settings.seeds)} if groups[0].kind == KIND_REAL else set()
-    mixed = [g for g in groups if g.kind == KIND_GENERATED and g.real > 0]
+    mixed = ([g for g in groups if g.kind == KIND_GENERATED and g.real > 0]
+             or [g for g in groups if g.kind == KIND_FILTERED and g.real > 0])
     if mixed:
         picked.add((max(mixed, key=lambda g: g.extra).key, 0))
     return picked

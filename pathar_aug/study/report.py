@@ -151,7 +151,7 @@ def markdown_table(settings: BenchmarkSettings, plan: Plan, rows: list[dict], me
         lines.append(f"Classes {classes.describe()}: nnU-Net segments all {classes.k} of them; Dice of a class is "
                      "that class against all other pixels, 1 on a tile where neither holds it.")
     kinds = {g.kind for g in groups}
-    if KIND_GENERATED in kinds:
+    if kinds & {KIND_GENERATED, KIND_FILTERED}:
         lines.append(f"Synthetic: pairs sampled by the PathAR generator (label-conditioned; {meta['sampling_text']}).")
     if KIND_RENDERED in kinds:
         lines.append("Mask-conditioned: masks of the real training pool (not only the real tiles of the group) "

@@ -123,10 +123,12 @@ class Group:
 
 
 def plan_groups(real: int, synthetic: Sequence[int], synthetic_only: int | None = None,
-                extra_rows: str = "largest", extra_kinds: Sequence[str] = DEFAULT_EXTRA_KINDS) -> list[Group]:
+                extra_rows: str = "largest", extra_kinds: Sequence[str] = DEFAULT_EXTRA_KINDS,
+                unfiltered: bool = True) -> list[Group]:
     """The groups, in table order: real only (if 0 is among ``synthetic``), synthetic only
     (``synthetic_only`` generated tiles and no real ones; default the smallest positive count,
-    0 = no such row), real + each positive count, then one row of each of ``extra_kinds``
+    0 = no such row), real + each positive count (unfiltered generated pairs; left out when not
+    ``unfiltered``, to judge only the extra rows), then one row of each of ``extra_kinds``
     (mask-conditioned, classical, quality-filtered) at the largest count (``extra_rows='largest'``),
     at every positive count (``'all'``) or none."""
     if real < 1:
@@ -146,7 +148,8 @@ def plan_groups(real: int, synthetic: Sequence[int], synthetic_only: int | None 
         rows.append((real, 0, KIND_REAL))
     if synthetic_only:
         rows.append((0, synthetic_only, KIND_GENERATED))
-    rows += [(real, s, KIND_GENERATED) for s in positive]
+    if unfiltered:
+        rows += [(real, s, KIND_GENERATED) for s in positive]
     extra_at = {"largest": positive[-1:], "all": positive, "none": []}[extra_rows]
     unknown = [k for k in extra_kinds if k not in EXTRA_KINDS]
     if unknown:
@@ -172,6 +175,7 @@ class BenchmarkSettings:
     synthetic_only: int | None = None
     extra_rows: str = "largest"
     extra_kinds: tuple[str, ...] = DEFAULT_EXTRA_KINDS  # rows beside real + synthetic (EXTRA_KINDS)
+    unfiltered: bool = True  # the real + unfiltered synthetic rows (False: only the extra kinds' rows)
     filter_oversample: int = 4  # candidates drawn per kept pair in that row
     val: int = 50  # validation tiles per label
     val_fraction: float | None = None  # of each label's source images; default: the model's, else 0.2
@@ -222,11 +226,12 @@ class BenchmarkSettings:
         if self.classes is not None:
             self.classes = MaskClasses.from_mapping(self.classes, "--classes").mapping()
         class_metrics(self.mask_classes)  # validates the classes, the mask mode and the class names
-        plan_groups(self.real, self.synthetic, self.synthetic_only, self.extra_rows, self.extra_kinds)  # validates
+        self.groups  # validates
 
     @property
     def groups(self) -> list[Group]:
-        return plan_groups(self.real, self.synthetic, self.synthetic_only, self.extra_rows, self.extra_kinds)
+        return plan_groups(self.real, self.synthetic, self.synthetic_only, self.extra_rows, self.extra_kinds,
+                           self.unfiltered)
 
     @property
     def mask_classes(self) -> MaskClasses:
@@ -253,6 +258,8 @@ class BenchmarkSettings:
             del data["classes"]
         if self.mask_mode == "classes":
             del data["mask_mode"]
+        if self.unfiltered:  # likewise: folders made before the option existed resume
+            del data["unfiltered"]
         return data
 
     def cpu_network(self) -> dict | bool:
