@@ -5,7 +5,8 @@
 Trains a `cpu`-preset tokenizer with ``TokenizerConfig.appearance_partner = --partner`` on the
 DSB2018 split of benchmarks/work/dsb2018_gpu (seed 0, 20 % of each modality's source images held
 out; run ``benchmarks.gpu_generator unpack`` first) on this machine, at the preset's own scale
-(1,200 steps of 16; resumable: the same command goes on), then judges it beside the shipped
+(1,200 steps of 16; resumable: the same command goes on), then judges it, and every other partner
+share trained here before (``--partner 0.2`` after ``--partner 0.5``: both in one table), beside the shipped
 starting point's tokenizer (the same preset and scale, without partner) and the GPU-trained ones:
 per modality, on ``--n`` held-out tiles, reconstruction PSNR and the swap consistency of
 ``generation_quality`` — structure of a held-out tile, appearance of another of any label, the
@@ -95,9 +96,14 @@ def main() -> None:
     tiles = held_out_tiles(heldout, args.n)
     reference = as_pairs(tiles)
     swaps = swap_partners(reference, args.n, seed=0)
-    tokenizers = {
-        "shipped (cpu preset, no partner, 1,200 x 16)": starting_points.resolve("dsb2018") / TOKENIZER_CKPT,
-        f"cpu preset + partner {args.partner:g} ({cfg.steps} x {cfg.batch_size}, this machine)": ckpt,
+    tokenizers = {"shipped (cpu preset, no partner, 1,200 x 16)": starting_points.resolve("dsb2018") / TOKENIZER_CKPT}
+    # every partner share trained here so far (this call's and earlier calls'), smallest first: one table
+    for trained in sorted(WORK.glob("tokenizer_cpu_partner*/" + ckpt.name),
+                          key=lambda p: float(p.parent.name.removeprefix("tokenizer_cpu_partner"))):
+        saved = torch.load(trained, map_location="cpu", weights_only=False)["config"]
+        tokenizers[f"cpu preset + partner {saved['appearance_partner']:g} ({saved['steps']} x {saved['batch_size']}, "
+                   "this machine)"] = trained
+    tokenizers |= {
         "GPU (2,800 x 64, no partner)": WORK / "dsb2018_gpu" / TOKENIZER_CKPT,
         "GPU + partner 0.5 (2,800 x 64)": WORK / "dsb2018_gpu_partner" / TOKENIZER_CKPT,
     }

@@ -20,7 +20,7 @@ import torch
 from pathar_aug.patches import PatchSet
 from pathar_aug.prior import ARCHITECTURE_FIELDS, InterleavedPrior
 from pathar_aug.tokenizer import DualVQTokenizer
-from pathar_aug.training import load_checkpoint
+from pathar_aug.training import load_checkpoint, selected_weights
 
 TOKENIZER_MODES = ("auto", "finetune", "freeze")
 # "auto" freezes the starting tokenizer when it reconstructs the new training tiles about as well as
@@ -117,7 +117,7 @@ def load_prior_weights(prior: InterleavedPrior, run_dir: str | Path, label_names
 
     state = _checkpoint(run_dir, "prior/prior.pt")
     _check_same("prior", run_dir, state["config"], to_dict(prior.cfg), ARCHITECTURE_FIELDS)
-    theirs = state["model"]
+    theirs = selected_weights(state)
     for key, value in (("num_structure_codes", prior.num_structure_codes),
                        ("num_appearance_codes", prior.num_appearance_codes), ("grid", list(prior.grid))):
         if state[key] != value:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from pathar_aug.config import save_json
-from pathar_aug.training import load_checkpoint, save_checkpoint
+from pathar_aug.training import load_checkpoint, save_checkpoint, selected_weights
 
 STARTING_POINTS_DIR = Path(__file__).resolve().parent / "starting_points"
 ABOUT_FILE = "starting_point.json"
@@ -93,9 +93,11 @@ def export(run_dir: str | Path, dest: str | Path, description: dict[str, Any],
         state = load_checkpoint(run_dir / relative)
         kept = {k: state[k] for k in ("config", "step", "label_names", "num_structure_codes",
                                       "num_appearance_codes", "grid") if k in state}
+        if state.get("best"):  # the step of the weights exported
+            kept["step"] = state["best"]["step"]
         kept["label_names"] = _renamed(list(state.get("label_names", info.label_names)), rename)
         (building / relative).parent.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(building / relative, model=_half(state["model"]), **kept)
+        save_checkpoint(building / relative, model=_half(selected_weights(state)), **kept)
     for relative in _COPIED:
         if (run_dir / relative).is_file():
             shutil.copy2(run_dir / relative, building / relative)

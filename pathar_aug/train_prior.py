@@ -4,6 +4,9 @@ Outputs in ``out_dir``: prior.pt (checkpoint, also the resume point), prior_conf
 prior_loss.csv (step, structure_nll, appearance_nll, lr) and, with a held-out cache,
 prior_heldout_nll.json (mean per-token NLL of each stream on the held-out tokens) and, with
 ``eval_every``, the learning curve prior_heldout_curve.csv (held-out NLL against steps and minutes).
+With that curve and ``keep_best``, prior.pt also holds the weights of the curve's lowest point
+(``best``): what ``load_prior`` samples with and what prior_heldout_nll.json measures, while the
+last step's weights stay the resume point.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from .config import from_dict, save_json, to_dict
 from .device import autocast, compile_modules, resolve_device, to_device
 from .prior import ARCHITECTURE_FIELDS, InterleavedPrior, PriorConfig
 from .reporter import Reporter, reporter_for
-from .training import LossCSV, label_balanced_weights, load_checkpoint, make_adamw, save_checkpoint
+from .training import LossCSV, label_balanced_weights, load_checkpoint, make_adamw, save_checkpoint, selected_weights
 
 CHECKPOINT_NAME = "prior.pt"
 LOSS_CSV_NAME = "prior_loss.csv"
@@ -153,6 +156,7 @@ def train_prior(
         raise ValueError(f"held-out grid {tuple(heldout['structure'].shape[1:])} != training grid {grid}")
 
     step, elapsed = 0, 0.0
+    best: dict[str, Any] | None = None  # {"step", "heldout_nll", "model"} of the curve's lowest point
     if resume and ckpt_path.exists():
         saved = load_checkpoint(ckpt_path, map_location=device)
         _check_resumable(saved, cfg, vocab)
@@ -162,6 +166,7 @@ def train_prior(
         torch.set_rng_state(saved["torch_rng"].cpu())
         step = int(saved["step"])
         elapsed = float(saved.get("elapsed_s", 0.0))
+        best = saved.get("best")
     elif init_from is not None:  # a new run started from another's prior, labels matched by name
         from pathar_aug.init_from import load_prior_weights
 
@@ -190,7 +195,7 @@ def train_prior(
         save_checkpoint(
             ckpt_path, model=prior.state_dict(), optimizer=optimizer.state_dict(), step=step,
             config=to_dict(cfg), batch_rng=batch_rng.get_state(), torch_rng=torch.get_rng_state(),
-            elapsed_s=time.monotonic() - started, **vocab,
+            elapsed_s=time.monotonic() - started, **vocab, **({"best": best} if best else {}),
         )
 
     prior.train()
@@ -226,14 +231,20 @@ def train_prior(
                 curve.log(step, {"heldout_structure_nll": point["structure_nll"],
                                  "heldout_appearance_nll": point["appearance_nll"],
                                  "minutes": (time.monotonic() - started) / 60})
+                if cfg.keep_best and (best is None or point["total_nll"] < best["heldout_nll"]):
+                    best = {"step": step, "heldout_nll": point["total_nll"],
+                            "model": {k: v.detach().clone() for k, v in prior.state_dict().items()}}
             if step % cfg.ckpt_every == 0 and step < total:
                 checkpoint()
             task.update(completed=step)
     checkpoint()
 
     if heldout is not None and main:
+        if best is not None:  # the figure of the weights the run samples with
+            prior.load_state_dict(best["model"])
         result = evaluate_nll(prior, heldout, device, cfg.eval_batch_size)
-        save_json(result | {"step": step, "tokens": str(heldout_tokens_path)}, out_dir / HELDOUT_NAME)
+        save_json(result | {"step": best["step"] if best else step, "last_step": step,
+                            "tokens": str(heldout_tokens_path)}, out_dir / HELDOUT_NAME)
     return ckpt_path
 
 
@@ -249,12 +260,13 @@ class _Loss(torch.nn.Module):
 
 
 def load_prior(checkpoint_path: str | Path, device: torch.device | str = "auto") -> InterleavedPrior:
-    """Rebuild a trained prior from its checkpoint, in eval mode on ``device``."""
+    """Rebuild a trained prior from its checkpoint, in eval mode on ``device``: the weights of the
+    held-out curve's lowest point when training kept them, else the last step's."""
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     saved = load_checkpoint(checkpoint_path, map_location=device)
     cfg = from_dict(PriorConfig, saved["config"])
     prior = InterleavedPrior(cfg, saved["num_structure_codes"], saved["num_appearance_codes"],
                              tuple(saved["grid"]), len(saved["label_names"]))
-    prior.load_state_dict(saved["model"])
+    prior.load_state_dict(selected_weights(saved))
     prior.label_names = list(saved["label_names"])
     return prior.to(device).eval()

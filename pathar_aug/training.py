@@ -43,6 +43,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return torch.load(Path(path), map_location=map_location, weights_only=False)
 
 
+def selected_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights a finished checkpoint is used with: those of its lowest held-out point when
+    training kept one (``state["best"]``), else the last step's (``state["model"]``, also the
+    resume point)."""
+    return state["best"]["model"] if state.get("best") else state["model"]
+
+
 class LossCSV:
     """Appends one row per logged step; on resume, rows past the resumed step are dropped."""
 

@@ -333,3 +333,40 @@ def test_heldout_curve_against_steps_and_minutes_and_balanced_batches(tmp_path, 
     train_prior(tokens, tmp_path / "balanced", tiny_cfg(steps=50, batch_size=8), "cpu", progress=False)
     share = float((labels[torch.cat(drawn)] == 1).float().mean())
     assert 0.3 < share < 0.7  # uniform sampling would give 1/40
+
+
+def test_prior_keeps_the_weights_of_the_lowest_heldout_point(tmp_path):
+    # held-out templates unlike the training ones: the prior learns the token marginals first,
+    # then memorises the training templates and the held-out NLL climbs (a real overfit, not staged)
+    tokens, heldout, out = tmp_path / "tokens.pt", tmp_path / "heldout.pt", tmp_path / "run"
+    write_cache(tokens, m=24, seed=0)
+    write_cache(heldout, m=8, seed=1)
+    cfg = tiny_cfg(steps=40, eval_every=5, eval_sequences=8)
+    train_prior(tokens, out, cfg, "cpu", heldout_tokens_path=heldout, progress=False)
+
+    curve = read_csv(out / "prior_heldout_curve.csv")
+    totals = {int(r["step"]): float(r["heldout_structure_nll"]) + float(r["heldout_appearance_nll"]) for r in curve}
+    lowest = min(totals, key=totals.get)
+    assert lowest < 40 and totals[40] > totals[lowest] + 0.05  # the case this is for
+    saved = torch.load(out / "prior.pt", weights_only=False)
+    assert saved["step"] == 40 and saved["best"]["step"] == lowest  # resume point: the last step
+    prior = load_prior(out / "prior.pt", "cpu")  # samples with the lowest point's weights
+    for name, value in prior.state_dict().items():
+        assert torch.equal(value, saved["best"]["model"][name])
+    assert any(not torch.equal(v, saved["best"]["model"][k]) for k, v in saved["model"].items())
+    figure = json.loads((out / "prior_heldout_nll.json").read_text())
+    assert (figure["step"], figure["last_step"]) == (lowest, 40)
+    assert figure["total_nll"] == pytest.approx(totals[lowest], rel=1e-4)  # the curve's subset is the whole cache
+
+    # resumed further: a later point replaces the kept one only when lower, the last step goes on
+    train_prior(tokens, out, tiny_cfg(steps=50, eval_every=5, eval_sequences=8), "cpu", resume=True,
+                heldout_tokens_path=heldout, progress=False)
+    saved = torch.load(out / "prior.pt", weights_only=False)
+    totals = {int(r["step"]): float(r["heldout_structure_nll"]) + float(r["heldout_appearance_nll"])
+              for r in read_csv(out / "prior_heldout_curve.csv")}
+    assert saved["step"] == 50 and saved["best"]["step"] == min(totals, key=totals.get)
+
+    # keep_best off: the last step's weights, as before
+    train_prior(tokens, tmp_path / "last", tiny_cfg(steps=20, eval_every=5, eval_sequences=8, keep_best=False),
+                "cpu", heldout_tokens_path=heldout, progress=False)
+    assert "best" not in torch.load(tmp_path / "last" / "prior.pt", weights_only=False)
