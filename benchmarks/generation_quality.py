@@ -23,7 +23,11 @@ pretrained backbone can be installed here with its weights; none is downloaded).
 Writes benchmarks/results/generation_quality.csv (long table), generation_quality.md (one table per
 feature space plus the floor / model / weak scale check), generation_quality_scale_check.csv and
 generation_quality_grid_<label>.png. Generated sets, features and evaluator networks are cached in
-benchmarks/work/generation_quality/cache, so a re-run only recomputes what changed.
+benchmarks/work/generation_quality/cache, so a re-run only recomputes what changed. The evaluator
+networks behind the committed figures (style classifier and segmenter, trained on the held-out
+patches of the DSB2018 split) are in benchmarks/evaluators/ and seed that cache (their names are
+content hashes of the data and settings they were trained on, so they are used only for the same
+ones): every session and machine judges with the same networks, and KIDs compare across runs.
 
 ``--run RUN --name NAME`` judges another run folder of DSB2018 with the same split (the GPU-trained
 runs of ``benchmarks.gpu_generator``) by the same evaluator networks (the cache is shared), into
@@ -48,6 +52,18 @@ from pathar_aug.evaluation.run import evaluate_run
 from pathar_aug.pipeline import RunInfo
 from pathar_aug.sampler import SamplingConfig
 from pathar_aug.sampling_defaults import resolve_sampling
+
+
+EVALUATORS = Path(__file__).parent / "evaluators"
+CACHE = WORK / "generation_quality" / "cache"
+
+
+def seed_evaluator_cache() -> None:
+    """Put the committed evaluator networks into the cache (kept when already there)."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    for network in EVALUATORS.glob("*.pt"):
+        if not (CACHE / network.name).exists():
+            shutil.copyfile(network, CACHE / network.name)
 
 
 def main() -> None:
@@ -78,6 +94,7 @@ def main() -> None:
         run, summary = args.run, RunInfo.load(args.run).data
     labels_csv = dsb2018_labels_csv(WORK / "dsb2018_labels.csv")
     out = WORK / args.name
+    seed_evaluator_cache()
     features = ["style", "colour-texture", *(args.features or [])]
     result = evaluate_run(
         model=run, images=DSB_ROOT / "images", masks=DSB_ROOT / "masks", labels_csv=labels_csv, out=out,
@@ -85,7 +102,7 @@ def main() -> None:
         sampling=SamplingConfig(batch_size=args.batch_size, seed=args.seed, **resolve_sampling(
             run, guidance=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)),
         config=EvalConfig(progress=not args.quiet, seed=args.seed), device=device,
-        log=lambda msg: print(msg, flush=True), cache_dir=WORK / "generation_quality" / "cache",
+        log=lambda msg: print(msg, flush=True), cache_dir=CACHE,
     )
     wall = time.time() - start
 

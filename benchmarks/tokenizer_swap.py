@@ -10,8 +10,8 @@ share trained here before (``--partner 0.2`` after ``--partner 0.5``: both in on
 starting point's tokenizer (the same preset and scale, without partner) and the GPU-trained ones:
 per modality, on ``--n`` held-out tiles, reconstruction PSNR and the swap consistency of
 ``generation_quality`` — structure of a held-out tile, appearance of another of any label, the
-image segmented by the evaluation's own segmenter (cached by ``generation_quality``: run that
-first) against the mask decoded from the structure — split into structures with nuclei and empty
+image segmented by the evaluation's own segmenter (the one ``generation_quality`` uses, from
+benchmarks/evaluators/) against the mask decoded from the structure — split into structures with nuclei and empty
 structures (the share of images left clean). Every tokenizer sees the same tiles and the same
 swaps. Writes benchmarks/results/tokenizer_swap.json.
 """
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import RESULTS, WORK
+from benchmarks.generation_quality import EVALUATORS
 from pathar_aug import starting_points
 from pathar_aug.evaluation.report import dice_apart
 from pathar_aug.evaluation.segmenter import Segmenter
@@ -88,10 +89,9 @@ def main() -> None:
     ckpt = train_tokenizer(train, out_dir, cfg, device, resume=True, seed=0)
     trained_min = float(torch.load(ckpt, map_location="cpu", weights_only=False).get("elapsed_s", 0.0)) / 60
 
-    segmenters = sorted((WORK / "generation_quality" / "cache").glob("segmenter-*.pt"))
+    segmenters = sorted(EVALUATORS.glob("segmenter-*.pt"))
     if len(segmenters) != 1:
-        raise SystemExit(f"expected the evaluation's one cached segmenter, found {len(segmenters)}: "
-                         "run benchmarks.generation_quality first")
+        raise SystemExit(f"expected the evaluation's one segmenter in {EVALUATORS}, found {len(segmenters)}")
     segmenter = Segmenter.load(segmenters[0], "cpu")
     tiles = held_out_tiles(heldout, args.n)
     reference = as_pairs(tiles)
