@@ -41,7 +41,7 @@ def settings_for(args, **overrides):
     kwargs = dict(images=str(DSB_ROOT / "images"), masks=str(DSB_ROOT / "masks"), labels_csv=str(labels),
                   instances=str(DSB_ROOT / "instances"), real=args.real,
                   synthetic_only=args.synthetic_only, extra_kinds=tuple(args.extra_kinds.split(",")),
-                  filter_oversample=args.filter_oversample, unfiltered=args.unfiltered,
+                  filter_oversample=args.filter_oversample, filter_order=args.filter_order, unfiltered=args.unfiltered,
                   synthetic=tuple(int(s) for s in args.synthetic.split(",")), val=args.val,
                   val_fraction=VAL_FRACTION, split_seed=0,  # the shared generator run's split (common.py)
                   seeds=args.seeds, schedule="cpu", epochs=args.epochs, iterations=args.iterations,
@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--synthetic-only", type=int, default=0, help="synthetic-only group (0: none)")
     parser.add_argument("--extra-kinds", default="filtered",
                         help="rows beside real + synthetic: rendered, classical, filtered")
+    parser.add_argument("--filter-order", default="agreement", choices=("agreement", "draw"),
+                        help="which passing pairs the filtered row keeps: the best first, or in the order drawn")
     parser.add_argument("--no-unfiltered", dest="unfiltered", action="store_false",
                         help="leave out the real + unfiltered synthetic rows (group I and the extra rows only)")
     parser.add_argument("--sample-batch", type=int, default=64, help="images sampled together by the generator")

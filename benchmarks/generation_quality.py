@@ -80,6 +80,8 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--top-p", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--filter-order", default="agreement", choices=("agreement", "draw"),
+                    help="which passing pairs the 'model, filtered' set keeps: the best first, or in the order drawn")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--run", type=Path, default=None,
                     help="another finished DSB2018 run folder (default: the shared `cpu` run, trained on first use)")
@@ -101,7 +103,7 @@ def main() -> None:
         n=args.n, n_real=args.n_real, features=features,
         sampling=SamplingConfig(batch_size=args.batch_size, seed=args.seed, **resolve_sampling(
             run, guidance=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)),
-        config=EvalConfig(progress=not args.quiet, seed=args.seed), device=device,
+        config=EvalConfig(progress=not args.quiet, seed=args.seed, filter_order=args.filter_order), device=device,
         log=lambda msg: print(msg, flush=True), cache_dir=CACHE,
     )
     wall = time.time() - start

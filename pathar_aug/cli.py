@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from pathar_aug.cli_options import (
-    BATCH_SIZE_OPTION, CFG_OPTION, COMPILE_OPTION, TEMPERATURE_OPTION, TOP_K_OPTION, TOP_P_OPTION, sampling_config,
+    BATCH_SIZE_OPTION, CFG_OPTION, COMPILE_OPTION, FILTER_ORDER_OPTION, TEMPERATURE_OPTION, TOP_K_OPTION, TOP_P_OPTION,
+    sampling_config,
 )
 
 console = Console(stderr=True)
@@ -222,6 +223,7 @@ def synthesize(
     quality_filter: bool = typer.Option(True, "--filter/--no-filter", help="Keep only pairs whose image and mask agree (see below); --no-filter writes every sampled pair."),
     oversample: float = typer.Option(3.0, help="Filter: candidates drawn per requested pair, 1 to 10 (sampling time grows with it)."),
     min_agreement: Optional[float] = typer.Option(None, help="Filter: minimum image-mask Dice for every label (default: per label, the 10th percentile of real held-out tiles)."),
+    filter_order: str = FILTER_ORDER_OPTION,
     channels: Optional[str] = typer.Option(None, help="Convert the generator's images for a dataset with other channels: gray (RGB -> 1 channel, luminance) or rgb (gray -> 3 channels). Without it a mismatch is refused."),
     compile: bool = COMPILE_OPTION,
 ) -> None:
@@ -271,7 +273,7 @@ def synthesize(
                              sampling=dataclasses.replace(sampling, compile=compile), device=_rank_device(device),
                              nnunet_raw=nnunet_raw, nnunet_preprocessed=nnunet_preprocessed,
                              quality_filter=quality_filter, oversample=oversample, min_agreement=min_agreement,
-                             channels=channels, reporter=reporter)
+                             channels=channels, reporter=reporter, filter_order=filter_order)
     distributed.shutdown()
     for line in acceptance_lines(result) if distributed.main_process() else ():
         reporter.log(line)
@@ -361,6 +363,7 @@ def benchmark(
     extra_rows: str = typer.Option("largest", help="Mask-conditioned, classical-augmentation and filtered rows: at the largest count, at all counts, or none."),
     extra_kinds: str = typer.Option("rendered,classical,filtered", help="Rows beside real + synthetic, comma-separated: rendered (the pool's masks re-rendered by the generator), classical (the real tiles augmented), filtered (generated pairs chosen by the run's quality filter)."),
     unfiltered: bool = typer.Option(True, help="Rows of real + unfiltered synthetic tiles; --no-unfiltered keeps only the extra rows beside group I (e.g. to judge the filtered default alone)."),
+    filter_order: str = FILTER_ORDER_OPTION,
     val: int = typer.Option(50, help="Real validation tiles per label (from held-out source images, the same for every group)."),
     val_fraction: Optional[float] = typer.Option(None, help="Share of each label's source images held out for validation (default: the model's split, else 0.2)."),
     split_seed: Optional[int] = typer.Option(None, help="Seed of that split (default: the model's, else 0)."),
@@ -411,7 +414,7 @@ def benchmark(
     settings = BenchmarkSettings(
         images=str(images or DEMO_DATA / "images"), masks=str(masks or DEMO_DATA / "masks"),
         labels_csv=str(labels) if labels else None, real=real, synthetic=counts, synthetic_only=synthetic_only,
-        extra_rows=extra_rows, extra_kinds=tuple(k.strip() for k in extra_kinds.split(",") if k.strip()), unfiltered=unfiltered, val=val, val_fraction=val_fraction, split_seed=split_seed, seeds=seeds,
+        extra_rows=extra_rows, extra_kinds=tuple(k.strip() for k in extra_kinds.split(",") if k.strip()), unfiltered=unfiltered, filter_order=filter_order, val=val, val_fraction=val_fraction, split_seed=split_seed, seeds=seeds,
         schedule=schedule, epochs=epochs, iterations=iterations, batch_size=batch_size, unet_features=unet_features,
         unet_max_features=unet_max_features, curve=curve, instances=str(instances) if instances else None,
         model=str(model) if model else None, preset=preset.value,
@@ -446,6 +449,7 @@ def evaluate(
     classifier_steps: Optional[int] = typer.Option(None, help="Style-classifier training steps (default 200)."),
     segmenter_steps: Optional[int] = typer.Option(None, help="Agreement-segmenter training steps (default 300)."),
     min_agreement: Optional[float] = typer.Option(None, help="The 'model, filtered' set keeps sampled pairs whose agreement with the run's quality filter reaches this Dice (default: the filter's own per-label threshold)."),
+    filter_order: str = FILTER_ORDER_OPTION,
     kid_subsets: int = typer.Option(100, help="KID: number of random subsets."),
     lpips_weights: Optional[Path] = typer.Option(None, help="Local torchvision AlexNet weights for LPIPS (default: the torch hub cache, if there)."),
     lpips_linear: Optional[Path] = typer.Option(None, help="Local LPIPS v0.1 linear weights (alex.pth); without them LPIPS is the unweighted variant, named so."),
@@ -477,7 +481,7 @@ def evaluate(
     from pathar_aug.evaluation.style_classifier import StyleClassifierConfig
 
     eval_cfg = EvalConfig(
-        kid_subsets=kid_subsets, progress=not quiet, seed=seed, filter_min_agreement=min_agreement,
+        kid_subsets=kid_subsets, progress=not quiet, seed=seed, filter_min_agreement=min_agreement, filter_order=filter_order,
         style=StyleClassifierConfig(**({"steps": classifier_steps} if classifier_steps is not None else {})),
         segmenter=SegmenterConfig(**({"steps": segmenter_steps} if segmenter_steps is not None else {})),
     )

@@ -133,7 +133,7 @@ def synthesize_into(
     device: torch.device = torch.device("cpu"), nnunet_raw: Path | None = None,
     nnunet_preprocessed: Path | None = None, quality_filter: bool = True, oversample: float | None = None,
     min_agreement: float | None = None, log: Log | None = None, reporter: Reporter | None = None,
-    channels: str | None = None,
+    channels: str | None = None, filter_order: str = "agreement",
 ) -> SynthesisResult:
     """Make pairs with a trained run and add them to a raw dataset; returns what was written.
 
@@ -146,7 +146,8 @@ def synthesize_into(
     at or above the threshold, with empty and full masks at most at the real data's rate; a label
     whose candidates fall short gets fewer pairs (``SynthesisResult.labels`` says how many). Each
     kept pair's scores go into the manifest. Mask-conditioned pairs (``masks_from``) are scored and
-    recorded, never dropped: their masks are the user's. A run without a filter (trained before the
+    recorded, never dropped: their masks are the user's. ``filter_order="draw"`` keeps the passing
+    pairs in the order drawn instead of the best first (``quality_filter.ORDERS``). A run without a filter (trained before the
     stage existed) gets it trained here first, once, into its run folder.
 
     Cases take the dataset's own format (``nnunet_integration.formats``); a generator of gray images
@@ -158,7 +159,7 @@ def synthesize_into(
     same as one process makes. The run folder (and ``masks_from``) must be readable on every
     machine; the dataset only on rank 0's. Only rank 0's result holds the counts.
     """
-    from pathar_aug.quality_filter import DEFAULT_OVERSAMPLE, MAX_OVERSAMPLE, QualityFilter, quota
+    from pathar_aug.quality_filter import DEFAULT_OVERSAMPLE, MAX_OVERSAMPLE, ORDERS, QualityFilter, quota
 
     main = distributed.is_main()
     reporter = reporter_for(reporter, log) if main else distributed.reporter_of(reporter)[0]
@@ -175,6 +176,8 @@ def synthesize_into(
         raise ValueError(f"--oversample must be between 1 and {MAX_OVERSAMPLE:g}, got {oversample:g}")
     if min_agreement is not None and not 0.0 <= min_agreement <= 1.0:
         raise ValueError(f"--min-agreement is a Dice in [0, 1], got {min_agreement:g}")
+    if filter_order not in ORDERS:
+        raise ValueError(f"--filter-order must be one of {', '.join(ORDERS)}, got {filter_order!r}")
     generator = load_generator(model, device)
     labels = plan_labels(generator, n, label, per_label)
     structure_masks = None
@@ -207,6 +210,8 @@ def synthesize_into(
     if quality is not None:  # absent without the filter: unfiltered batches keep their earlier tags
         settings["filter"] = {"segmenter": quality.fingerprint, "min_agreement": min_agreement,
                               "oversample": None if masks_from else oversample}
+        if filter_order != "agreement" and not masks_from:  # absent by default: earlier batches keep their tags
+            settings["filter"]["order"] = filter_order
     batch = settings_batch_tag(settings)
     mode = "off" if quality is None else ("scores" if structure_masks is not None else "on")
     result = SynthesisResult(dataset, batch, mode, labels={
@@ -262,7 +267,7 @@ def synthesize_into(
             selection = quality.select(images[part], masks[part], name, keep=len(idx),
                                        max_empty=quota(stats.empty_share, first, first + len(idx)),
                                        max_full=quota(stats.full_share, first, first + len(idx)),
-                                       min_agreement=min_agreement)
+                                       min_agreement=min_agreement, order=filter_order)
             acc = result.labels[name]
             acc.candidates += selection.candidates
             acc.passed += selection.passed

@@ -239,6 +239,10 @@ def test_plan_groups_follows_the_paper_and_the_flags():
     assert settings.groups == only_filtered and settings.to_json()["unfiltered"] is False
     assert curve_folds(settings) == {("r30", 0), ("r30", 1), ("r30-f200", 0)}
     assert "unfiltered" not in BenchmarkSettings(synthetic=(0, 200)).to_json()  # older folders resume
+    assert "filter_order" not in BenchmarkSettings().to_json()
+    assert BenchmarkSettings(filter_order="draw").to_json()["filter_order"] == "draw"
+    with pytest.raises(ValueError, match="--filter-order"):
+        BenchmarkSettings(filter_order="size")
     for bad in (dict(real=0, synthetic=(0,)), dict(real=3, synthetic=(-1,)),
                 dict(real=3, synthetic=(0,), extra_rows="some")):
         with pytest.raises(ValueError):

@@ -80,6 +80,23 @@ def test_agreeing_pairs_are_kept_and_disagreeing_ones_dropped():
     assert make_filter().select(images, masks, "nuc").kept == sel_kept_default(pairs)
 
 
+def test_draw_order_keeps_the_first_passing_pairs_not_the_best():
+    # ranking keeps the highest Dice wherever it was drawn (Dice favours large nuclei); draw order
+    # keeps the first pairs that pass
+    pairs = [mismatched(9)] + [matched(i) for i in range(6)]
+    filt = make_filter(threshold=0.0)
+    best = filt.select(*split(pairs), "nuc", keep=3)
+    drawn = filt.select(*split(pairs), "nuc", keep=3, order="draw")
+    assert drawn.kept == [0, 1, 2]  # threshold 0: every pair passes, the first three are kept as drawn
+    assert [drawn.scores[i].agreement for i in best.kept] == sorted((s.agreement for s in drawn.scores), reverse=True)[:3]
+    # the threshold still drops, and the empty quota still caps, in draw order
+    strict = make_filter(empty=0.25).select(*split([mismatched(1), empty_pair(2), empty_pair(3), matched(4),
+                                                    matched(5), matched(6)]), "nuc", keep=4, order="draw")
+    assert strict.kept == [1, 3, 4, 5] and strict.max_empty == 1
+    with pytest.raises(ValueError, match="order"):
+        filt.select(*split(pairs), "nuc", order="size")
+
+
 def sel_kept_default(pairs) -> list[int]:
     return make_filter().select(*split(pairs), "nuc").kept
 
@@ -235,6 +252,14 @@ def test_synthesize_records_scores_and_acceptance(run, raw):
             assert manifest.scores(name)["threshold"] == pytest.approx(filt.stats[label].threshold, abs=1e-4)
             assert manifest.scores(name)["agreement"] >= manifest.scores(name)["threshold"]
     assert "requested pairs written" in " ".join(res.output.split())
+    # --filter-order draw: a batch of its own, the order in its settings, every kept pair passing
+    res = runner.invoke(app, ["synthesize", "--model", str(run["run"]), "--into", "511", "--n", "2", "--per-label",
+                              "--batch-size", "2", "--seed", "2", "--filter-order", "draw"])
+    assert res.exit_code == 0, res.output
+    manifest = load_manifest(dataset)
+    drawn = [b for b in manifest.batches.values() if b["settings"]["filter"].get("order") == "draw"]
+    assert len(drawn) == 1 and len(manifest.batches) == 3
+    assert all(s["agreement"] >= s["threshold"] for n in manifest.names() if (s := manifest.scores(n)))
 
 
 def test_no_filter_writes_every_pair_unscored(run, raw):
@@ -254,6 +279,9 @@ def test_bad_oversample_is_a_clear_error(run, raw):
     res = runner.invoke(app, ["synthesize", "--model", str(run["run"]), "--into", "513", "--n", "2",
                               "--oversample", "50"])
     assert res.exit_code == 2 and "--oversample" in res.output
+    res = runner.invoke(app, ["synthesize", "--model", str(run["run"]), "--into", "513", "--n", "2",
+                              "--filter-order", "size"])
+    assert res.exit_code == 2 and "--filter-order" in res.output
     assert not list(raw.iterdir())
 
 

@@ -224,7 +224,7 @@ def _build_sets(inputs: _Inputs, model: Path | None, synthetic: Path | None, n: 
             generator, model, real.floor, list(real.reference), n, sampling, device, inputs.cache,
             recon=references and bool(real.floor), sample=inputs.synthetic is None, weak_baseline=references,
             reporter=reporter_for(reporter, progress=cfg.progress), reference=real.reference,
-            min_agreement=cfg.filter_min_agreement))
+            min_agreement=cfg.filter_min_agreement, filter_order=cfg.filter_order))
     if inputs.synthetic is not None:
         model_set = f"synthetic: {Path(synthetic).name}"
         syn = tile_pairs(inputs.synthetic, patch)

@@ -145,12 +145,13 @@ def sample_model(generator, labels: Sequence[int], sampling: SamplingConfig, dev
 def generated_sets(generator, model: Path, floor: dict[str, list[Pair]], labels: Sequence[str], n: int,
                    sampling: SamplingConfig, device: torch.device, cache: Path | None, *, recon: bool, sample: bool,
                    weak_baseline: bool, reporter: Reporter, reference: dict[str, list[Pair]] | None = None,
-                   min_agreement: float | None = None) -> dict[str, dict[str, list[Pair]]]:
+                   min_agreement: float | None = None, filter_order: str = "agreement") -> dict[str, dict[str, list[Pair]]]:
     """Label -> pairs of each generated set, from the cache when made before: the tokenizer's
     reconstructions of the ``floor`` pairs (``recon``) and its swaps of ``reference`` pairs (with
     ``recon`` and a reference), ``n`` pairs per label sampled from the run (``sample``; with the
     run's quality filter, 2 n are drawn: the first n are the model's set, the n the filter ranks
-    best of all 2 n, among those reaching its threshold or ``min_agreement``, the filtered set) and
+    best of all 2 n, or the first n in ``filter_order="draw"``, among those reaching its threshold
+    or ``min_agreement``, the filtered set) and
     the weak baseline of marginal tokens (``weak_baseline``)."""
     ckpt_id = [file_id(Path(model) / "tokenizer" / "tokenizer.pt"), file_id(Path(model) / "prior" / "prior.pt")]
     weak = None
@@ -219,7 +220,7 @@ def generated_sets(generator, model: Path, floor: dict[str, list[Pair]], labels:
                 sets[MODEL_FILTERED] = {}
                 for lb, pairs in drawn.items():
                     kept = quality.select([p[0] for p in pairs], [p[1] for p in pairs], lb, keep=n,
-                                          min_agreement=min_agreement).kept
+                                          min_agreement=min_agreement, order=filter_order).kept
                     sets[MODEL_FILTERED][lb] = [pairs[i] for i in kept]
     if cached:
         reporter.log(f"from cache: generated sets {', '.join(cached)}")

@@ -367,7 +367,7 @@ def _chunk_maker(kind: str, seed: int, settings: BenchmarkSettings, generator: G
             n = stop - start
             images, masks = generator.generate([generator.label_index(label)] * (n * settings.filter_oversample),
                                                config(label, start), device)
-            selection = quality.select(images, masks, label, keep=n)
+            selection = quality.select(images, masks, label, keep=n, order=settings.filter_order)
             kept = list(selection.kept)
             rest = sorted((i for i in range(len(selection.scores)) if i not in set(kept)),
                           key=lambda i: -selection.scores[i].agreement)

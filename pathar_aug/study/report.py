@@ -157,9 +157,11 @@ def markdown_table(settings: BenchmarkSettings, plan: Plan, rows: list[dict], me
         lines.append("Mask-conditioned: masks of the real training pool (not only the real tiles of the group) "
                      "re-rendered by the generator (structure tokens from the mask, appearance sampled).")
     if KIND_FILTERED in kinds:
-        lines.append(f"Filtered synthetic: {settings.filter_oversample} generated pairs drawn per kept one, the pairs "
-                     "the run's quality filter ranks best kept (image-mask agreement of its own segmenter, empty "
-                     "and full masks at the real rate); " + meta.get("filter_text", "") + ".")
+        kept = ("the pairs the run's quality filter ranks best kept" if settings.filter_order == "agreement" else
+                "the first pairs the run's quality filter passes kept, in the order drawn")
+        lines.append(f"Filtered synthetic: {settings.filter_oversample} generated pairs drawn per kept one, {kept} "
+                     "(image-mask agreement of its own segmenter, empty and full masks at the real rate); "
+                     + meta.get("filter_text", "") + ".")
     if KIND_CLASSICAL in kinds:
         lines.append(f"Classical aug.: {settings.classical.describe()}.")
     lines += ["nnU-Net's own on-line augmentation (rotation, scaling, mirroring, noise, blur, brightness, contrast, "

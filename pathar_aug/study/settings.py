@@ -177,6 +177,7 @@ class BenchmarkSettings:
     extra_kinds: tuple[str, ...] = DEFAULT_EXTRA_KINDS  # rows beside real + synthetic (EXTRA_KINDS)
     unfiltered: bool = True  # the real + unfiltered synthetic rows (False: only the extra kinds' rows)
     filter_oversample: int = 4  # candidates drawn per kept pair in that row
+    filter_order: str = "agreement"  # which passing pairs that row keeps (quality_filter.ORDERS)
     val: int = 50  # validation tiles per label
     val_fraction: float | None = None  # of each label's source images; default: the model's, else 0.2
     split_seed: int | None = None  # default: the model's split seed, else 0
@@ -221,6 +222,10 @@ class BenchmarkSettings:
         for name in ("epochs", "iterations", "batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        from pathar_aug.quality_filter import ORDERS
+
+        if self.filter_order not in ORDERS:
+            raise ValueError(f"--filter-order must be one of {', '.join(ORDERS)}, got {self.filter_order!r}")
         if not 1 <= self.dataset_id <= 999:
             raise ValueError(f"dataset id must be 1-999, got {self.dataset_id}")
         if self.classes is not None:
@@ -260,6 +265,8 @@ class BenchmarkSettings:
             del data["mask_mode"]
         if self.unfiltered:  # likewise: folders made before the option existed resume
             del data["unfiltered"]
+        if self.filter_order == "agreement":
+            del data["filter_order"]
         return data
 
     def cpu_network(self) -> dict | bool:
