@@ -65,7 +65,7 @@ MIN_HELDOUT_TILES = 8
 # kept pairs keep the passing pairs' own mask statistics. Dice favours large objects, and ranking
 # by it selects masks with larger nuclei than the real data has (DSB2018, partner-appearance GPU
 # run: mean nucleus area of the kept fluorescence masks 707 px against 463 px drawn and 483 px real;
-# in draw order 462 px; ``benchmarks.study_masks``).
+# in draw order 462 px; ``benchmarks.generation_quality --filter-order``).
 ORDERS = ("agreement", "draw")
 
 
