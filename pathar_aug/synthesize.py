@@ -147,8 +147,8 @@ def synthesize_into(
     whose candidates fall short gets fewer pairs (``SynthesisResult.labels`` says how many). Each
     kept pair's scores go into the manifest. Mask-conditioned pairs (``masks_from``) are scored and
     recorded, never dropped: their masks are the user's. ``filter_order="draw"`` keeps the passing
-    pairs in the order drawn instead of the best first (``quality_filter.ORDERS``). A run without a filter (trained before the
-    stage existed) gets it trained here first, once, into its run folder.
+    pairs in the order drawn instead of the best first (``quality_filter.ORDERS``). A run without a
+    filter (trained before the stage existed) gets it trained here first, once, into its run folder.
 
     Cases take the dataset's own format (``nnunet_integration.formats``); a generator of gray images
     into a 3-channel dataset, or of RGB images into a 1-channel one, is refused unless ``channels``
