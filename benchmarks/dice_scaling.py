@@ -30,6 +30,7 @@ import shutil
 from pathlib import Path
 
 from benchmarks.common import DSB_ROOT, RESULTS, VAL_FRACTION, WORK, dsb2018_labels_csv
+from pathar_aug.quality_filter import ORDERS
 
 UNET_FEATURES, UNET_MAX_FEATURES = 16, 512
 
@@ -72,7 +73,7 @@ def main() -> None:
     parser.add_argument("--synthetic-only", type=int, default=0, help="synthetic-only group (0: none)")
     parser.add_argument("--extra-kinds", default="filtered",
                         help="rows beside real + synthetic: rendered, classical, filtered")
-    parser.add_argument("--filter-order", default="agreement", choices=("agreement", "draw"),
+    parser.add_argument("--filter-order", default="agreement", choices=ORDERS,
                         help="which passing pairs the filtered row keeps: the best first, or in the order drawn")
     parser.add_argument("--no-unfiltered", dest="unfiltered", action="store_false",
                         help="leave out the real + unfiltered synthetic rows (group I and the extra rows only)")

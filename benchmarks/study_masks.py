@@ -22,25 +22,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from scipy import ndimage
 
 from benchmarks.common import RESULTS
+from pathar_aug.evaluation.structure_stats import mask_stats
 
 
 def mask_figures(masks) -> dict:
-    """Figures of binary masks (an iterable of H x W arrays)."""
-    foreground, counts, areas, empty = [], [], [], []
-    for mask in masks:
-        mask = np.asarray(mask) > 0
-        components, n = ndimage.label(mask, structure=np.ones((3, 3)))
-        foreground.append(mask.mean())
-        counts.append(n)
-        empty.append(n == 0)
-        areas.extend(np.bincount(components.ravel())[1:].tolist())
-    return {"tiles": len(foreground), "foreground_share": round(float(np.mean(foreground)), 4),
-            "nuclei_per_tile": round(float(np.mean(counts)), 2),
-            "median_nucleus_area_px": float(np.median(areas)) if areas else None,
-            "empty_share": round(float(np.mean(empty)), 4)}
+    """Figures of binary masks (an iterable of H x W arrays), from the evaluation's own morphology."""
+    stats = mask_stats(list(masks))
+    return {"tiles": len(stats.foreground_fraction),
+            "foreground_share": round(float(stats.foreground_fraction.mean()), 4),
+            "nuclei_per_tile": round(float(stats.nuclei_per_patch.mean()), 2),
+            "median_nucleus_area_px": float(np.median(stats.areas)) if len(stats.areas) else None,
+            "empty_share": round(stats.empty_share, 4)}
 
 
 @torch.no_grad()

@@ -69,6 +69,13 @@ MIN_HELDOUT_TILES = 8
 ORDERS = ("agreement", "draw")
 
 
+def check_order(order: str) -> str:
+    """``order`` when it is one of ``ORDERS``; else a ValueError naming the option."""
+    if order not in ORDERS:
+        raise ValueError(f"--filter-order must be one of {', '.join(ORDERS)}, got {order!r}")
+    return order
+
+
 class FilterUnavailable(RunError):
     """The run folder has no complete quality filter (trained before the filter stage existed)."""
 
@@ -277,8 +284,7 @@ class QualityFilter:
         candidate is kept, with empty and full masks capped so that their share among the kept
         pairs stays at the real rate.
         """
-        if order not in ORDERS:
-            raise ValueError(f"filter order must be one of {', '.join(ORDERS)}, got {order!r}")
+        check_order(order)
         stats = self._label_stats(label)
         threshold = stats.threshold if min_agreement is None else float(min_agreement)
         scores = self.score(images, masks, threshold)

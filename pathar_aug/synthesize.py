@@ -159,7 +159,7 @@ def synthesize_into(
     same as one process makes. The run folder (and ``masks_from``) must be readable on every
     machine; the dataset only on rank 0's. Only rank 0's result holds the counts.
     """
-    from pathar_aug.quality_filter import DEFAULT_OVERSAMPLE, MAX_OVERSAMPLE, ORDERS, QualityFilter, quota
+    from pathar_aug.quality_filter import DEFAULT_OVERSAMPLE, MAX_OVERSAMPLE, QualityFilter, check_order, quota
 
     main = distributed.is_main()
     reporter = reporter_for(reporter, log) if main else distributed.reporter_of(reporter)[0]
@@ -176,8 +176,7 @@ def synthesize_into(
         raise ValueError(f"--oversample must be between 1 and {MAX_OVERSAMPLE:g}, got {oversample:g}")
     if min_agreement is not None and not 0.0 <= min_agreement <= 1.0:
         raise ValueError(f"--min-agreement is a Dice in [0, 1], got {min_agreement:g}")
-    if filter_order not in ORDERS:
-        raise ValueError(f"--filter-order must be one of {', '.join(ORDERS)}, got {filter_order!r}")
+    check_order(filter_order)
     generator = load_generator(model, device)
     labels = plan_labels(generator, n, label, per_label)
     structure_masks = None

@@ -222,10 +222,9 @@ class BenchmarkSettings:
         for name in ("epochs", "iterations", "batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        from pathar_aug.quality_filter import ORDERS
+        from pathar_aug.quality_filter import check_order
 
-        if self.filter_order not in ORDERS:
-            raise ValueError(f"--filter-order must be one of {', '.join(ORDERS)}, got {self.filter_order!r}")
+        check_order(self.filter_order)
         if not 1 <= self.dataset_id <= 999:
             raise ValueError(f"dataset id must be 1-999, got {self.dataset_id}")
         if self.classes is not None:
