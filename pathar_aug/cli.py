@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import functools
+import inspect
+import re
 import sys
 from enum import Enum
 from pathlib import Path
@@ -24,9 +26,9 @@ Synthetic image-mask pairs for nuclei segmentation (PathAR), written straight in
 [bold]Typical session[/bold]
 
   1. pathar-aug train --images raw/ --masks masks/ --out runs/nuclei
-        trains the Dual-VQ tokenizer and the autoregressive prior on your labelled patches
+        trains the Dual-VQ tokenizer and the prior on your labelled patches
   2. pathar-aug import --images raw/ --masks masks/ --into 500
-        (optional) turns the same folders into an nnU-Net raw dataset Dataset500_...
+        (optional) makes the same folders an nnU-Net raw dataset, Dataset500_...
   3. pathar-aug synthesize --model runs/nuclei --into 500 --n 400
         adds 400 synthetic pairs; validation folds keep real cases only
   4. nnUNetv2_plan_and_preprocess -d 500 ; nnUNetv2_train 500 2d 0
@@ -40,7 +42,30 @@ instance ids; multi-class masks with train --classes, or --mask-mode border for 
 nnU-Net folders come from $nnUNet_raw / $nnUNet_preprocessed, or --nnunet-raw / --nnunet-preprocessed.
 """
 
-app = typer.Typer(help=MANUAL, no_args_is_help=True, rich_markup_mode="rich", add_completion=False,
+
+def reflow(text: str) -> str:
+    """A help text with its hard-wrapped lines joined, so the terminal wraps them. Typer's rich mode
+    keeps single line breaks: on a terminal narrower than the source lines every line would break
+    twice. Indented lines (commands, examples) and list items keep a line of their own."""
+    def indented(line: str) -> bool:
+        return line[:1].isspace()
+
+    def own_line(line: str) -> bool:
+        return indented(line) or re.match(r"(-|\*|\d+\.) ", line) is not None
+
+    paragraphs = []
+    for paragraph in inspect.cleandoc(text).split("\n\n"):
+        lines: list[str] = []
+        for line in paragraph.split("\n"):
+            if lines and not own_line(line) and not indented(lines[-1]):
+                lines[-1] = f"{lines[-1]} {line}"
+            else:
+                lines.append(line)
+        paragraphs.append("\n".join(lines))
+    return "\n\n".join(paragraphs)
+
+
+app = typer.Typer(help=reflow(MANUAL), no_args_is_help=True, rich_markup_mode="rich", add_completion=False,
                   pretty_exceptions_enable=False)
 
 
@@ -498,6 +523,10 @@ def evaluate(
             verdicts = ", ".join(f"{v}: {k}" for v, k in g["verdict"].value_counts().items())
             reporter.log(f"scale check {label}: {verdicts}")
     console.print(f"\n[bold green]done[/bold green]: {result.out_dir / 'metrics.md'} (CSV, grids and scale_check.csv beside it)")
+
+
+for _command in app.registered_commands:
+    _command.help = reflow(_command.help or inspect.getdoc(_command.callback) or "")
 
 
 def main() -> None:  # pragma: no cover - console entry point

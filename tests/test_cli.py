@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pathar_aug.cli import app
+from pathar_aug.cli import app, reflow
 from tests.conftest import train_tiny_run
 
 runner = CliRunner()
@@ -204,3 +204,15 @@ def test_help_reads_as_a_manual():
     res = runner.invoke(app, ["synthesize", "--help"])
     text = " ".join(res.output.split())
     assert "splits_final.json" in text and "real-only" in text.replace("real cases only", "real-only")
+
+
+def test_help_paragraphs_wrap_to_the_terminal():
+    # Typer's rich mode keeps a docstring's single line breaks; the CLI joins them (a narrow terminal
+    # would otherwise break every source line twice) but keeps indented lines and list items
+    text = "Summary.\n\nOne sentence\nwrapped here.\n  pathar-aug demo\n  pathar-aug train\n- item\n- item two\ngoes on"
+    assert reflow(text) == ("Summary.\n\nOne sentence wrapped here.\n  pathar-aug demo\n  pathar-aug train\n"
+                            "- item\n- item two goes on")
+    for command in app.registered_commands:
+        assert command.help and reflow(command.help) == command.help, command.name
+    synthesize_help = next(c.help for c in app.registered_commands if c.callback.__name__ == "synthesize")
+    assert "would join no fold. When that folder is known" in synthesize_help  # a line break in the source
