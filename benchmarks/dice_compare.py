@@ -28,7 +28,8 @@ from pathar_aug.study.settings import METRICS
 
 # what two studies may differ in: the generator, how it was sampled and which rows were run
 MAY_DIFFER = {"model", "preset", "synthetic", "synthetic_only", "extra_rows", "extra_kinds", "unfiltered",
-              "filter_oversample", "guidance", "temperature", "top_k", "top_p", "sample_batch", "classical"}
+              "filter_oversample", "filter_order", "filter_empty", "guidance", "temperature", "top_k", "top_p",
+              "sample_batch", "classical"}
 REFERENCE = "r30"
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from benchmarks.common import DSB_ROOT, RESULTS, VAL_FRACTION, WORK, dsb2018_labels_csv
 from pathar_aug.quality_filter import ORDERS
+from pathar_aug.study.settings import FILTER_EMPTY
 
 UNET_FEATURES, UNET_MAX_FEATURES = 16, 512
 
@@ -43,6 +44,7 @@ def settings_for(args, **overrides):
                   instances=str(DSB_ROOT / "instances"), real=args.real,
                   synthetic_only=args.synthetic_only, extra_kinds=tuple(args.extra_kinds.split(",")),
                   filter_oversample=args.filter_oversample, filter_order=args.filter_order, unfiltered=args.unfiltered,
+                  filter_empty=args.filter_empty,
                   synthetic=tuple(int(s) for s in args.synthetic.split(",")), val=args.val,
                   val_fraction=VAL_FRACTION, split_seed=0,  # the shared generator run's split (common.py)
                   seeds=args.seeds, schedule="cpu", epochs=args.epochs, iterations=args.iterations,
@@ -75,6 +77,9 @@ def main() -> None:
                         help="rows beside real + synthetic: rendered, classical, filtered")
     parser.add_argument("--filter-order", default="agreement", choices=ORDERS,
                         help="which passing pairs the filtered row keeps: the best first, or in the order drawn")
+    parser.add_argument("--filter-empty", default="run", choices=FILTER_EMPTY,
+                        help="whose empty / full mask shares cap the filtered row: the generator's training "
+                             "patches (as synthesize does) or the study's own real tiles")
     parser.add_argument("--no-unfiltered", dest="unfiltered", action="store_false",
                         help="leave out the real + unfiltered synthetic rows (group I and the extra rows only)")
     parser.add_argument("--sample-batch", type=int, default=64, help="images sampled together by the generator")

@@ -389,6 +389,7 @@ def benchmark(
     extra_kinds: str = typer.Option("rendered,classical,filtered", help="Rows beside real + synthetic, comma-separated: rendered (the pool's masks re-rendered by the generator), classical (the real tiles augmented), filtered (generated pairs chosen by the run's quality filter)."),
     unfiltered: bool = typer.Option(True, help="Rows of real + unfiltered synthetic tiles; --no-unfiltered keeps only the extra rows beside group I (e.g. to judge the filtered default alone)."),
     filter_order: str = FILTER_ORDER_OPTION,
+    filter_empty: str = typer.Option("run", help="Filtered row: empty and full masks kept at most at the share of the generator's training patches ('run', as synthesize does) or of the study's own real tiles ('study'; they are picked nuclei first, so few or none are empty)."),
     val: int = typer.Option(50, help="Real validation tiles per label (from held-out source images, the same for every group)."),
     val_fraction: Optional[float] = typer.Option(None, help="Share of each label's source images held out for validation (default: the model's split, else 0.2)."),
     split_seed: Optional[int] = typer.Option(None, help="Seed of that split (default: the model's, else 0)."),
@@ -439,7 +440,8 @@ def benchmark(
     settings = BenchmarkSettings(
         images=str(images or DEMO_DATA / "images"), masks=str(masks or DEMO_DATA / "masks"),
         labels_csv=str(labels) if labels else None, real=real, synthetic=counts, synthetic_only=synthetic_only,
-        extra_rows=extra_rows, extra_kinds=tuple(k.strip() for k in extra_kinds.split(",") if k.strip()), unfiltered=unfiltered, filter_order=filter_order, val=val, val_fraction=val_fraction, split_seed=split_seed, seeds=seeds,
+        extra_rows=extra_rows, extra_kinds=tuple(k.strip() for k in extra_kinds.split(",") if k.strip()), unfiltered=unfiltered, filter_order=filter_order,
+        filter_empty=filter_empty, val=val, val_fraction=val_fraction, split_seed=split_seed, seeds=seeds,
         schedule=schedule, epochs=epochs, iterations=iterations, batch_size=batch_size, unet_features=unet_features,
         unet_max_features=unet_max_features, curve=curve, instances=str(instances) if instances else None,
         model=str(model) if model else None, preset=preset.value,

@@ -159,6 +159,28 @@ class Selection:
         """Kept candidates / all candidates."""
         return len(self.kept) / self.candidates if self.scores else 0.0
 
+    def filled(self, n: int) -> list[int]:
+        """Exactly ``n`` candidates (fewer only when there are fewer): the kept ones, topped up with
+        the best agreement of the rest. The top-up respects the empty and full caps while other
+        candidates remain: empty masks agree perfectly with empty-looking images and would else
+        be the first to fill a gap (a study keeps every group's size; synthesize writes fewer)."""
+        picked = list(self.kept[:n])
+        n_empty = sum(self.scores[i].empty for i in picked)
+        n_full = sum(self.scores[i].full for i in picked)
+        taken = set(picked)
+        over_cap = []
+        for i in sorted((i for i in range(len(self.scores)) if i not in taken),
+                        key=lambda i: (-self.scores[i].agreement, i)):
+            if len(picked) >= n:
+                break
+            s = self.scores[i]
+            if (s.empty and n_empty >= self.max_empty) or (s.full and n_full >= self.max_full):
+                over_cap.append(i)
+                continue
+            picked.append(i)
+            n_empty, n_full = n_empty + s.empty, n_full + s.full
+        return picked + over_cap[:n - len(picked)]
+
 
 class Predictor(Protocol):
     def predict(self, images: Sequence[np.ndarray], threshold: float = 0.5) -> list[np.ndarray]: ...
@@ -335,6 +357,13 @@ def _label_index(patches: PatchSet | None, label: int) -> list[int]:
     return [] if patches is None else (patches.labels == label).nonzero().flatten().tolist()
 
 
+def empty_full_shares(masks: Sequence[np.ndarray | torch.Tensor]) -> tuple[float, float]:
+    """Shares of empty and of full masks among ``masks`` (0, 0 for none)."""
+    shares = [foreground_share(np.asarray(m)) for m in masks]
+    n = max(len(shares), 1)
+    return sum(map(is_empty, shares)) / n, sum(map(is_full, shares)) / n
+
+
 def real_statistics(segmenter: Predictor, train: PatchSet, heldout: PatchSet | None,
                     percentile: float) -> dict[str, LabelStats]:
     """Per label: empty / full shares of the real training masks, and the agreement threshold.
@@ -345,7 +374,7 @@ def real_statistics(segmenter: Predictor, train: PatchSet, heldout: PatchSet | N
     out: dict[str, LabelStats] = {}
     for li, name in enumerate(train.label_names):
         train_idx = _label_index(train, li)
-        shares = [foreground_share(train.masks[i, 0].numpy()) for i in train_idx]
+        empty_share, full_share = empty_full_shares([train.masks[i, 0].numpy() for i in train_idx])
         held_idx = _label_index(heldout, li)
         source, patches, idx = "heldout", heldout, held_idx
         regular = [i for i in held_idx if not _trivial(heldout.masks[i, 0].numpy())] if heldout is not None else []
@@ -359,10 +388,9 @@ def real_statistics(segmenter: Predictor, train: PatchSet, heldout: PatchSet | N
             pairs = _pairs(patches, chosen)
             preds = segmenter.predict([p[0] for p in pairs])
             values = [agreement(pr, m) for pr, (_, m) in zip(preds, pairs)]
-        n = max(len(shares), 1)
         out[name] = LabelStats(
-            n_train=len(train_idx), empty_share=sum(map(is_empty, shares)) / n,
-            full_share=sum(map(is_full, shares)) / n, threshold=agreement_threshold(values, percentile),
+            n_train=len(train_idx), empty_share=empty_share, full_share=full_share,
+            threshold=agreement_threshold(values, percentile),
             agreement_source=source, agreement_n=len(values),
             agreement_mean=float(np.mean(values)) if values else 0.0,
             agreement_quantiles={f"p{q:g}": float(np.percentile(values, q)) if values else 0.0

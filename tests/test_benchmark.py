@@ -241,6 +241,10 @@ def test_plan_groups_follows_the_paper_and_the_flags():
     assert "unfiltered" not in BenchmarkSettings(synthetic=(0, 200)).to_json()  # older folders resume
     assert "filter_order" not in BenchmarkSettings().to_json()
     assert BenchmarkSettings(filter_order="draw").to_json()["filter_order"] == "draw"
+    assert "filter_empty" not in BenchmarkSettings().to_json()  # folders made before the option resume
+    assert BenchmarkSettings(filter_empty="study").to_json()["filter_empty"] == "study"
+    with pytest.raises(ValueError, match="--filter-empty"):
+        BenchmarkSettings(filter_empty="none")
     with pytest.raises(ValueError, match="--filter-order"):
         BenchmarkSettings(filter_order="size")
     for bad in (dict(real=0, synthetic=(0,)), dict(real=3, synthetic=(-1,)),
@@ -273,7 +277,9 @@ def test_classical_augmentation():
 
 def test_filtered_row_keeps_the_pairs_the_quality_filter_ranks_best(study, tmp_path):
     from nnunet_integration.manifest import load_manifest
-    from pathar_aug.quality_filter import QualityFilter
+    from PIL import Image
+
+    from pathar_aug.quality_filter import QualityFilter, foreground_share, is_empty
     from pathar_aug.study import KIND_FILTERED
 
     settings = BenchmarkSettings(images=str(study.images), masks=str(study.masks), real=4, synthetic=(0, 3),
@@ -291,6 +297,13 @@ def test_filtered_row_keeps_the_pairs_the_quality_filter_ranks_best(study, tmp_p
         assert counts["candidates"] == 3 * 3 and counts["kept"] <= 3 and counts["passed"] >= counts["kept"]
     # the filter the row used is the run's own
     assert QualityFilter.load(study.out / "generator").thresholds().keys() == set(LABELS)
+    # --filter-empty study: the real tiles (picked nuclei first) hold no empty mask, so neither do
+    # the filtered ones, topped up or not (the filter's own cap would follow the training patches)
+    settings.filter_empty, settings.filter_oversample = "study", 2
+    prepared = prepare(settings, tmp_path / "bench_study", torch.device("cpu"), log=lambda *_: None,
+                       show_progress=False)
+    masks = [np.asarray(Image.open(p)) for p in sorted((prepared.dataset / "labelsTr").glob("pathar_fil-s0_*.png"))]
+    assert len(masks) == 3 * len(LABELS) and not any(is_empty(foreground_share(m)) for m in masks)
 
 
 def test_border_study_reports_dice_per_class(tmp_path):

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from pathar_aug.cli import app
 from pathar_aug.patches import PatchSet
 from pathar_aug.quality_filter import (
-    FILTER_DIR, STATS_FILE, LabelStats, QualityFilter, agreement_threshold, quota, real_statistics,
+    FILTER_DIR, STATS_FILE, LabelStats, QualityFilter, agreement_threshold, empty_full_shares, quota,
+    real_statistics,
 )
 from tests.conftest import disc_pair, train_tiny_run
 
@@ -131,6 +132,30 @@ def test_full_masks_are_kept_only_at_the_real_rate():
     assert sum(sel.scores[i].full for i in sel.kept) == 3 and len(sel.kept) == 6
     sel = make_filter(full=0.5).select(*split(pairs), "nuc", keep=6, max_full=1)  # explicit quota wins
     assert sum(sel.scores[i].full for i in sel.kept) == 1
+
+
+def test_top_up_fills_with_the_best_rest_within_the_empty_cap():
+    # a study keeps every group's size: too few passing pairs are topped up with the best of the
+    # rest, but capped empty masks (agreement 1 over empty-looking images) only when nothing else is left
+    pairs = [empty_pair(0), mismatched(1), empty_pair(2), matched(3), mismatched(4)]
+    sel = make_filter(empty=0.0).select(*split(pairs), "nuc", keep=3)
+    assert sel.kept == [3] and sel.max_empty == 0 and sel.scores[0].agreement == 1.0
+    filled = sel.filled(3)
+    assert filled[0] == 3 and sorted(filled[1:]) == [1, 4]  # the mismatched pairs before the empty ones
+    assert sel.filled(5)[3:] == [0, 2]  # empties only once nothing else is left
+    assert sel.filled(9) == sel.filled(5) and sel.filled(1) == [3]
+    sel = make_filter(empty=0.0).select(*split(pairs), "nuc", keep=3, max_empty=1)
+    filled = sel.filled(3)
+    assert {0, 3} < set(filled) and len(set(filled) & {1, 4}) == 1  # one empty within its cap of 1
+
+
+def test_empty_and_full_shares_of_masks():
+    masks = [empty_pair(0)[1], full_pair(1)[1], matched(2)[1], matched(3)[1]]
+    stray = np.zeros((SIZE, SIZE), np.uint8)
+    stray[0, 0] = 1  # a stray pixel counts as empty (EMPTY_MAX_FOREGROUND)
+    assert empty_full_shares(masks + [stray]) == (0.4, 0.2)
+    assert empty_full_shares([torch.from_numpy(m) for m in masks]) == (0.25, 0.25)
+    assert empty_full_shares([]) == (0.0, 0.0)
 
 
 def test_quotas_of_separate_chunks_add_up_to_the_real_rate():

@@ -356,10 +356,17 @@ def _chunk_maker(kind: str, seed: int, settings: BenchmarkSettings, generator: G
 
     if kind == KIND_FILTERED:
         from pathar_aug.pipeline import ensure_filter
-        from pathar_aug.quality_filter import QualityFilter
+        from pathar_aug.quality_filter import QualityFilter, empty_full_shares, quota
 
         ensure_filter(generator.run_dir, device, reporter)
         quality = QualityFilter.load(generator.run_dir, device)
+
+        def caps(label: str, start: int, stop: int) -> dict[str, int]:
+            """--filter-empty study: empty / full masks at most at the share of this seed's real tiles."""
+            if settings.filter_empty == "run":
+                return {}  # the filter's own caps: the generator's training patches
+            empty, full = empty_full_shares([pool.masks[i, 0].numpy() for i in index["real"][(seed, label)]])
+            return {"max_empty": quota(empty, start, stop), "max_full": quota(full, start, stop)}
 
         def make(label, li, start, stop):
             # oversample, keep the pairs the filter ranks best; a label whose candidates pass too
@@ -367,13 +374,11 @@ def _chunk_maker(kind: str, seed: int, settings: BenchmarkSettings, generator: G
             n = stop - start
             images, masks = generator.generate([generator.label_index(label)] * (n * settings.filter_oversample),
                                                config(label, start), device)
-            selection = quality.select(images, masks, label, keep=n, order=settings.filter_order)
-            kept = list(selection.kept)
-            rest = sorted((i for i in range(len(selection.scores)) if i not in set(kept)),
-                          key=lambda i: -selection.scores[i].agreement)
-            pick = torch.tensor(kept + rest[:n - len(kept)])
+            selection = quality.select(images, masks, label, keep=n, order=settings.filter_order,
+                                       **caps(label, start, stop))
+            pick = torch.tensor(selection.filled(n))
             acceptance[label] = [a + b for a, b in zip(acceptance.get(label, [0, 0, 0]),
-                                                       (selection.candidates, selection.passed, len(kept)))]
+                                                       (selection.candidates, selection.passed, len(selection.kept)))]
             return images[pick], masks[pick]
         return make
 

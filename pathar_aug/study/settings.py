@@ -30,6 +30,11 @@ METRICS = ("dice", "aji", "pq")  # per validation tile: semantic Dice, aggregate
 CLASS_DICE = "dice_"  # multi-class runs: "dice_<class>", the Dice of each foreground class beside METRICS
 AVERAGE = "average"  # the summary row over all labels
 SCHEDULES = ("cpu", "full")
+# Whose empty / full mask shares cap the filtered row: the generator's training patches ("run", as
+# `synthesize` does) or the study's own real training tiles of that seed and label ("study"). The
+# study picks its real tiles nuclei first, so with "run" its synthetic tiles hold empty masks (about
+# 40 % for DSB2018 brightfield) where its real ones hold none.
+FILTER_EMPTY = ("run", "study")
 
 
 # The CPU schedule's batch: nnU-Net's planner sizes the batch for a GPU (for 128 px tiles and a few
@@ -178,6 +183,7 @@ class BenchmarkSettings:
     unfiltered: bool = True  # the real + unfiltered synthetic rows (False: only the extra kinds' rows)
     filter_oversample: int = 4  # candidates drawn per kept pair in that row
     filter_order: str = "agreement"  # which passing pairs that row keeps (quality_filter.ORDERS)
+    filter_empty: str = "run"  # whose empty / full shares cap that row (FILTER_EMPTY)
     val: int = 50  # validation tiles per label
     val_fraction: float | None = None  # of each label's source images; default: the model's, else 0.2
     split_seed: int | None = None  # default: the model's split seed, else 0
@@ -225,6 +231,8 @@ class BenchmarkSettings:
         from pathar_aug.quality_filter import check_order
 
         check_order(self.filter_order)
+        if self.filter_empty not in FILTER_EMPTY:
+            raise ValueError(f"--filter-empty must be one of {', '.join(FILTER_EMPTY)}, got {self.filter_empty!r}")
         if not 1 <= self.dataset_id <= 999:
             raise ValueError(f"dataset id must be 1-999, got {self.dataset_id}")
         if self.classes is not None:
@@ -266,6 +274,8 @@ class BenchmarkSettings:
             del data["unfiltered"]
         if self.filter_order == "agreement":
             del data["filter_order"]
+        if self.filter_empty == "run":
+            del data["filter_empty"]
         return data
 
     def cpu_network(self) -> dict | bool:
