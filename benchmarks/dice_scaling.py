@@ -30,7 +30,7 @@ import shutil
 from pathlib import Path
 
 from benchmarks.common import DSB_ROOT, RESULTS, VAL_FRACTION, WORK, dsb2018_labels_csv
-from pathar_aug.quality_filter import ORDERS
+from pathar_aug.filter_order import DEFAULT_ORDER, ORDERS
 from pathar_aug.study.settings import FILTER_EMPTY
 
 UNET_FEATURES, UNET_MAX_FEATURES = 16, 512
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--synthetic-only", type=int, default=0, help="synthetic-only group (0: none)")
     parser.add_argument("--extra-kinds", default="filtered",
                         help="rows beside real + synthetic: rendered, classical, filtered")
-    parser.add_argument("--filter-order", default="agreement", choices=ORDERS,
+    parser.add_argument("--filter-order", default=DEFAULT_ORDER, choices=ORDERS,
                         help="which passing pairs the filtered row keeps: the best first, or in the order drawn")
     parser.add_argument("--filter-empty", default="run", choices=FILTER_EMPTY,
                         help="whose empty / full mask shares cap the filtered row: the generator's training "

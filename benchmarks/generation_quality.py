@@ -50,7 +50,7 @@ from pathar_aug.evaluation import EvalConfig
 from pathar_aug.evaluation.report import grid_name
 from pathar_aug.evaluation.run import evaluate_run
 from pathar_aug.pipeline import RunInfo
-from pathar_aug.quality_filter import ORDERS
+from pathar_aug.filter_order import DEFAULT_ORDER, ORDERS
 from pathar_aug.sampler import SamplingConfig
 from pathar_aug.sampling_defaults import resolve_sampling
 
@@ -81,7 +81,7 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--top-p", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--filter-order", default="agreement", choices=ORDERS,
+    ap.add_argument("--filter-order", default=DEFAULT_ORDER, choices=ORDERS,
                     help="which passing pairs the 'model, filtered' set keeps: the best first, or in the order drawn")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--run", type=Path, default=None,

@@ -38,6 +38,7 @@ import torch
 
 from pathar_aug.config import save_json
 from pathar_aug.evaluation.segmenter import Segmenter, SegmenterConfig
+from pathar_aug.filter_order import DEFAULT_ORDER, check_order
 from pathar_aug.mask_classes import MaskClasses
 from pathar_aug.metrics import binary_dice, class_dices
 from pathar_aug.patches import PatchSet
@@ -59,21 +60,6 @@ MAX_OVERSAMPLE = 10.0  # a hard bound: the filter never draws more than this man
 
 # Fewer held-out tiles than this (per label) make a percentile meaningless: use training tiles.
 MIN_HELDOUT_TILES = 8
-
-# Which passing pairs are kept when more pass than are asked for. "agreement": the best-agreeing
-# first (the filter of the paper's spirit: the clearest pairs). "draw": in the order drawn, so the
-# kept pairs keep the passing pairs' own mask statistics. Dice favours large objects, and ranking
-# by it selects masks with larger nuclei than the real data has (DSB2018, partner-appearance GPU
-# run: mean nucleus area of the kept fluorescence masks 707 px against 463 px drawn and 483 px real;
-# in draw order 462 px; ``benchmarks.generation_quality --filter-order``).
-ORDERS = ("agreement", "draw")
-
-
-def check_order(order: str) -> str:
-    """``order`` when it is one of ``ORDERS``; else a ValueError naming the option."""
-    if order not in ORDERS:
-        raise ValueError(f"--filter-order must be one of {', '.join(ORDERS)}, got {order!r}")
-    return order
 
 
 class FilterUnavailable(RunError):
@@ -296,7 +282,7 @@ class QualityFilter:
 
     def select(self, images: Sequence[np.ndarray | torch.Tensor], masks: Sequence[np.ndarray | torch.Tensor],
                label: str, keep: int | None = None, max_empty: int | None = None, max_full: int | None = None,
-               min_agreement: float | None = None, order: str = "agreement") -> Selection:
+               min_agreement: float | None = None, order: str = DEFAULT_ORDER) -> Selection:
         """Keep up to ``keep`` candidates of one label, best agreement first (``order="draw"``:
         in the order given; see ``ORDERS``).
 

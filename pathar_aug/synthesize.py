@@ -18,6 +18,7 @@ from nnunet_integration.names import case_part
 from nnunet_integration.paths import FILE_ENDING, DatasetResolutionError, preprocessed_dir, resolve_dataset
 from nnunet_integration.splits import real_and_synthetic, update_splits
 from pathar_aug import distributed
+from pathar_aug.filter_order import DEFAULT_ORDER, check_order
 from pathar_aug.ingest import IngestError, Sample, load_pairs
 from pathar_aug.generator import Generator, load_generator, masks_as_patches
 from pathar_aug.pipeline import RunInfo, ensure_filter
@@ -133,7 +134,7 @@ def synthesize_into(
     device: torch.device = torch.device("cpu"), nnunet_raw: Path | None = None,
     nnunet_preprocessed: Path | None = None, quality_filter: bool = True, oversample: float | None = None,
     min_agreement: float | None = None, log: Log | None = None, reporter: Reporter | None = None,
-    channels: str | None = None, filter_order: str = "agreement",
+    channels: str | None = None, filter_order: str = DEFAULT_ORDER,
 ) -> SynthesisResult:
     """Make pairs with a trained run and add them to a raw dataset; returns what was written.
 
@@ -159,7 +160,7 @@ def synthesize_into(
     same as one process makes. The run folder (and ``masks_from``) must be readable on every
     machine; the dataset only on rank 0's. Only rank 0's result holds the counts.
     """
-    from pathar_aug.quality_filter import DEFAULT_OVERSAMPLE, MAX_OVERSAMPLE, QualityFilter, check_order, quota
+    from pathar_aug.quality_filter import DEFAULT_OVERSAMPLE, MAX_OVERSAMPLE, QualityFilter, quota
 
     main = distributed.is_main()
     reporter = reporter_for(reporter, log) if main else distributed.reporter_of(reporter)[0]
@@ -209,7 +210,7 @@ def synthesize_into(
     if quality is not None:  # absent without the filter: unfiltered batches keep their earlier tags
         settings["filter"] = {"segmenter": quality.fingerprint, "min_agreement": min_agreement,
                               "oversample": None if masks_from else oversample}
-        if filter_order != "agreement" and not masks_from:  # absent by default: earlier batches keep their tags
+        if filter_order != "agreement" and not masks_from:  # absent when ranked: earlier batches keep their tags
             settings["filter"]["order"] = filter_order
     batch = settings_batch_tag(settings)
     mode = "off" if quality is None else ("scores" if structure_masks is not None else "on")

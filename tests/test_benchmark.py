@@ -241,6 +241,8 @@ def test_plan_groups_follows_the_paper_and_the_flags():
     assert "unfiltered" not in BenchmarkSettings(synthetic=(0, 200)).to_json()  # older folders resume
     assert "filter_order" not in BenchmarkSettings().to_json()
     assert BenchmarkSettings(filter_order="draw").to_json()["filter_order"] == "draw"
+    legacy = {k: v for k, v in BenchmarkSettings(filter_order="draw").to_json().items() if k != "filter_order"}
+    assert BenchmarkSettings.from_json(legacy).filter_order == "agreement"  # written before the option: ranked
     assert "filter_empty" not in BenchmarkSettings().to_json()  # folders made before the option resume
     assert BenchmarkSettings(filter_empty="study").to_json()["filter_empty"] == "study"
     with pytest.raises(ValueError, match="--filter-empty"):

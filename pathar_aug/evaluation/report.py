@@ -29,6 +29,7 @@ from scipy import ndimage
 
 from nnunet_integration.names import file_part
 
+from ..filter_order import DEFAULT_ORDER
 from ..mask_classes import class_instances
 from ..preview import save_grid as preview_grid
 from ..reporter import Reporter, reporter_for
@@ -82,7 +83,7 @@ class EvalConfig:
     seed: int = 0
     # the filtered model set keeps pairs reaching this agreement (None: the run filter's own threshold)
     filter_min_agreement: float | None = None
-    filter_order: str = "agreement"  # quality_filter.ORDERS
+    filter_order: str = DEFAULT_ORDER  # quality_filter.ORDERS
     # a multi-class run's class names (K > 2; empty: binary) and mask mode ("classes" or "border")
     mask_classes: tuple[str, ...] = ()
     mask_mode: str = "classes"

@@ -15,6 +15,7 @@ import torch
 from nnunet_integration.atomic import atomic_write_bytes
 from nnunet_integration.names import case_part
 
+from ..filter_order import DEFAULT_ORDER
 from ..reporter import Reporter
 from ..sampler import SamplingConfig
 from .images import Pair
@@ -145,7 +146,7 @@ def sample_model(generator, labels: Sequence[int], sampling: SamplingConfig, dev
 def generated_sets(generator, model: Path, floor: dict[str, list[Pair]], labels: Sequence[str], n: int,
                    sampling: SamplingConfig, device: torch.device, cache: Path | None, *, recon: bool, sample: bool,
                    weak_baseline: bool, reporter: Reporter, reference: dict[str, list[Pair]] | None = None,
-                   min_agreement: float | None = None, filter_order: str = "agreement") -> dict[str, dict[str, list[Pair]]]:
+                   min_agreement: float | None = None, filter_order: str = DEFAULT_ORDER) -> dict[str, dict[str, list[Pair]]]:
     """Label -> pairs of each generated set, from the cache when made before: the tokenizer's
     reconstructions of the ``floor`` pairs (``recon``) and its swaps of ``reference`` pairs (with
     ``recon`` and a reference), ``n`` pairs per label sampled from the run (``sample``; with the

@@ -10,6 +10,7 @@ from typing import Sequence
 
 from nnunet_integration.names import safe_name
 from pathar_aug.classical_augment import ClassicalAugment
+from pathar_aug.filter_order import DEFAULT_ORDER, check_order
 from pathar_aug.mask_classes import MaskClasses, resolve_classes
 
 DEMO_DATA = Path(__file__).resolve().parent.parent / "demo_data"
@@ -182,7 +183,7 @@ class BenchmarkSettings:
     extra_kinds: tuple[str, ...] = DEFAULT_EXTRA_KINDS  # rows beside real + synthetic (EXTRA_KINDS)
     unfiltered: bool = True  # the real + unfiltered synthetic rows (False: only the extra kinds' rows)
     filter_oversample: int = 4  # candidates drawn per kept pair in that row
-    filter_order: str = "agreement"  # which passing pairs that row keeps (quality_filter.ORDERS)
+    filter_order: str = DEFAULT_ORDER  # which passing pairs that row keeps (quality_filter.ORDERS)
     filter_empty: str = "run"  # whose empty / full shares cap that row (FILTER_EMPTY)
     val: int = 50  # validation tiles per label
     val_fraction: float | None = None  # of each label's source images; default: the model's, else 0.2
@@ -228,8 +229,6 @@ class BenchmarkSettings:
         for name in ("epochs", "iterations", "batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        from pathar_aug.quality_filter import check_order
-
         check_order(self.filter_order)
         if self.filter_empty not in FILTER_EMPTY:
             raise ValueError(f"--filter-empty must be one of {', '.join(FILTER_EMPTY)}, got {self.filter_empty!r}")
@@ -272,7 +271,7 @@ class BenchmarkSettings:
             del data["mask_mode"]
         if self.unfiltered:  # likewise: folders made before the option existed resume
             del data["unfiltered"]
-        if self.filter_order == "agreement":
+        if self.filter_order == "agreement":  # the order of folders made before the option
             del data["filter_order"]
         if self.filter_empty == "run":
             del data["filter_empty"]
@@ -290,4 +289,5 @@ class BenchmarkSettings:
         data["classical"] = ClassicalAugment(**data.get("classical", {}))
         data["synthetic"] = tuple(data["synthetic"])
         data["extra_kinds"] = tuple(data.get("extra_kinds", DEFAULT_EXTRA_KINDS))
+        data.setdefault("filter_order", "agreement")  # left out: ranked (quality_filter.DEFAULT_ORDER)
         return cls(**data)
