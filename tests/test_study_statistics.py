@@ -139,3 +139,30 @@ def test_summary_marks_the_deltas_whose_interval_excludes_zero():
     assert "(**+0.200 [+0.200, +0.200]**)" in table  # excludes 0: bold
     assert "(-0.050 [" in table and "(**-0.050" not in table  # spans 0: plain
     assert "## Aggregated Jaccard index (AJI)" in table and "## Panoptic quality (PQ)" in table
+
+
+def test_convergence_flags_a_group_still_learning_at_the_end_of_its_schedule():
+    from pathar_aug.study.report import STILL_LEARNING, convergence, convergence_markdown
+
+    def point(group, key, seed, epoch, label, dice):
+        return {"group": group, "group_key": key, "seed": seed, "epoch": epoch, "label": label, "dice": dice}
+
+    curve = []
+    for seed in (0, 1):  # group I: flat over the last quarter in both seeds
+        for epoch, dice in ((20, 0.80), (30, 0.840), (40, 0.845 + 0.002 * seed)):
+            curve += [point("I", "r30", seed, epoch, label, dice) for label in ("a", "b")]
+    for epoch, (da, db) in ((20, (0.6, 0.7)), (30, (0.70, 0.85)), (40, (0.78, 0.85))):  # II: a still rising
+        curve += [point("II", "r30-f200", 0, epoch, "a", da), point("II", "r30-f200", 0, epoch, "b", db)]
+    curve += [point("III", "r30-g9", 0, 40, "a", 0.5), point("III", "r30-g9", 0, 40, "b", 0.5)]  # one point: no gain
+    rows = convergence(curve, ["a", "b"])
+    assert [r["group"] for r in rows] == ["I", "II"]
+    first, second = rows
+    assert first["seeds"] == [0, 1] and first["epochs"] == [30, 40] and first["still_learning"] == []
+    assert first["gain"]["a"] == pytest.approx(0.006) and first["dice"]["a"] == [0.84, 0.846]
+    assert second["gain"]["a"] == pytest.approx(0.08) and second["gain"]["a"] > STILL_LEARNING
+    assert second["still_learning"] == ["a"]
+    assert second["gain"][AVERAGE] == pytest.approx(0.04) and second["gain"]["b"] == pytest.approx(0.0)
+    text = "\n".join(convergence_markdown(rows, ["a", "b"]))
+    assert "**0.700 → 0.780 (+0.080)**" in text and "0.840 → 0.846 (+0.006)" in text
+    assert "**0.840 → 0.846" not in text and "Group(s) II still learned" in text
+    assert convergence_markdown([], ["a"]) == []

@@ -94,6 +94,62 @@ def curve_rows(results: dict[str, dict], plan: Plan, metrics: Sequence[str] = ME
     return rows
 
 
+# The CPU schedule was sized so that group I gains less than this over the last quarter of its
+# training (0.845 -> 0.847, cpu_schedule); a group gaining more was still learning when it stopped.
+STILL_LEARNING = 0.01
+
+
+def convergence(curve: list[dict], labels: Sequence[str]) -> list[dict]:
+    """Per curve group: Dice at the last two curve points (75 % and 100 % of the schedule) per label
+    and on average, mean over the seeds whose curve was measured, and the gain between them.
+    A group with more data sees each case fewer times in the same iterations and may not plateau
+    where group I does; a gain above ``STILL_LEARNING`` says its difference to group I is read
+    before it converged."""
+    out = []
+    for key in dict.fromkeys(r["group_key"] for r in curve):
+        points = [r for r in curve if r["group_key"] == key]
+        epochs = sorted({r["epoch"] for r in points})
+        if len(epochs) < 2:
+            continue
+        before, last = epochs[-2:]
+        seeds = sorted({r["seed"] for r in points})
+
+        def mean(epoch: int, label: str) -> float:
+            return float(np.mean([r["dice"] for r in points if r["epoch"] == epoch and r["label"] == label]))
+
+        per_label = {label: (mean(before, label), mean(last, label)) for label in labels}
+        per_label[AVERAGE] = tuple(float(np.mean([v[i] for v in per_label.values()])) for i in (0, 1))
+        out.append({"group": points[0]["group"], "group_key": key, "seeds": seeds, "epochs": [before, last],
+                    "dice": {label: [round(a, 4), round(b, 4)] for label, (a, b) in per_label.items()},
+                    "gain": {label: round(b - a, 4) for label, (a, b) in per_label.items()},
+                    "still_learning": [label for label, (a, b) in per_label.items()
+                                       if label != AVERAGE and b - a > STILL_LEARNING]})
+    return out
+
+
+def convergence_markdown(rows: list[dict], labels: Sequence[str]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", "## Convergence", "",
+             "Dice gain of the groups with a learning curve over the last quarter of the schedule (epoch "
+             f"{rows[0]['epochs'][0]} to {rows[0]['epochs'][1]}; **bold**: more than {STILL_LEARNING}, still "
+             "learning when the schedule ended).", "",
+             "| Group | Seeds | " + " | ".join(labels) + " | Average |",
+             "| --- | --- | " + " | ".join("---:" for _ in labels) + " | ---: |"]
+    for r in rows:
+        cells = []
+        for label in [*labels, AVERAGE]:
+            a, b = r["dice"][label]
+            text = f"{a:.3f} → {b:.3f} ({_fmt_delta(r['gain'][label])})"
+            cells.append(f"**{text}**" if r["gain"][label] > STILL_LEARNING else text)
+        lines.append(f"| {r['group']} | {', '.join(map(str, r['seeds']))} | " + " | ".join(cells) + " |")
+    learning = [r["group"] for r in rows if r["still_learning"]]
+    if learning:
+        lines += ["", f"Group(s) {', '.join(learning)} still learned at the end of the schedule: their difference to "
+                      "group I is read before they converged (a longer schedule, `--epochs`, would say more)."]
+    return lines
+
+
 def _fmt_delta(d: float) -> str:
     return f"{d:+.3f}"
 
@@ -109,7 +165,8 @@ def _cell(r: dict, metric: str, with_delta: bool) -> str:
     return text
 
 
-def markdown_table(settings: BenchmarkSettings, plan: Plan, rows: list[dict], meta: dict) -> str:
+def markdown_table(settings: BenchmarkSettings, plan: Plan, rows: list[dict], meta: dict,
+                   converged: list[dict] | None = None) -> str:
     labels = plan.labels
     by = {(r["group"], r["label"]): r for r in rows}
     groups = settings.groups
@@ -169,7 +226,8 @@ def markdown_table(settings: BenchmarkSettings, plan: Plan, rows: list[dict], me
     lines += ["nnU-Net's own on-line augmentation (rotation, scaling, mirroring, noise, blur, brightness, contrast, "
               "gamma, low resolution) runs in every group.",
               f"nnU-Net: {meta['plans_text']}; schedule {meta['schedule_text']}, identical for every group.",
-              f"Generator: {meta['generator_text']}.", ""]
+              f"Generator: {meta['generator_text']}."]
+    lines += convergence_markdown(converged or [], labels) + [""]
     return "\n".join(lines)
 
 
@@ -285,7 +343,8 @@ def write_report(prepared: Prepared, identifier: str, results: dict[str, dict], 
         _write_csv(paths["curve"], curve)
     else:
         del paths["curve"]
-    paths["md"].write_text(markdown_table(settings, plan, rows, meta))
+    converged = convergence(curve, plan.labels)
+    paths["md"].write_text(markdown_table(settings, plan, rows, meta, converged))
     plot(settings, plan, label_rows, paths["png"])
 
     def version(pkg):
@@ -306,6 +365,7 @@ def write_report(prepared: Prepared, identifier: str, results: dict[str, dict], 
         "validation": {label: {"tiles": len(plan.val[label]), "images": plan.val_sources[label],
                                "cases": list(plan.val[label])} for label in plan.labels},
         "rows": rows,
+        "convergence": converged,
         "folds": {name_: {k: v for k, v in r.items() if not k.endswith("_per_case")} for name_, r in results.items()},
         **{f"{m}_per_case": {name_: r[f"{m}_per_case"] for name_, r in results.items()} for m in settings.metrics},
         "timings": timings,
