@@ -164,5 +164,5 @@ def test_convergence_flags_a_group_still_learning_at_the_end_of_its_schedule():
     assert second["gain"][AVERAGE] == pytest.approx(0.04) and second["gain"]["b"] == pytest.approx(0.0)
     text = "\n".join(convergence_markdown(rows, ["a", "b"]))
     assert "**0.700 → 0.780 (+0.080)**" in text and "0.840 → 0.846 (+0.006)" in text
-    assert "**0.840 → 0.846" not in text and "Group(s) II still learned" in text
+    assert "**0.840 → 0.846" not in text and "Group(s) II still learning" in text
     assert convergence_markdown([], ["a"]) == []

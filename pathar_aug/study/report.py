@@ -145,8 +145,8 @@ def convergence_markdown(rows: list[dict], labels: Sequence[str]) -> list[str]:
         lines.append(f"| {r['group']} | {', '.join(map(str, r['seeds']))} | " + " | ".join(cells) + " |")
     learning = [r["group"] for r in rows if r["still_learning"]]
     if learning:
-        lines += ["", f"Group(s) {', '.join(learning)} still learned at the end of the schedule: their difference to "
-                      "group I is read before they converged (a longer schedule, `--epochs`, would say more)."]
+        lines += ["", f"Group(s) {', '.join(learning)} still learning when the schedule ended: the differences "
+                      "above are read before convergence (a longer schedule, `--epochs`, would say more)."]
     return lines
 
 
