@@ -24,12 +24,8 @@ import numpy as np
 
 from benchmarks.common import RESULTS
 from pathar_aug.bootstrap import paired_bootstrap
-from pathar_aug.study.settings import METRICS
+from pathar_aug.study.settings import GENERATOR_ONLY, METRICS
 
-# what two studies may differ in: the generator, how it was sampled and which rows were run
-MAY_DIFFER = {"model", "preset", "synthetic", "synthetic_only", "extra_rows", "extra_kinds", "unfiltered",
-              "filter_oversample", "filter_order", "filter_empty", "guidance", "temperature", "top_k", "top_p",
-              "sample_batch", "classical"}
 REFERENCE = "r30"
 
 
@@ -41,7 +37,7 @@ def load_study(name: str) -> dict:
 
 
 def check_pairable(a: dict, b: dict, names: tuple[str, str]) -> None:
-    keys = (set(a["settings"]) | set(b["settings"])) - MAY_DIFFER
+    keys = (set(a["settings"]) | set(b["settings"])) - GENERATOR_ONLY
     differ = sorted(k for k in keys if a["settings"].get(k) != b["settings"].get(k))
     if differ:
         raise SystemExit(f"{names[0]} and {names[1]} differ in {', '.join(differ)}: their folds do not pair")

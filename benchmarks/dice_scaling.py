@@ -20,6 +20,10 @@ counts, and the mask-conditioned row (``--synthetic``, ``--synthetic-only``, ``-
 them back; a folder keeps the settings it was made with, so another set of groups needs another
 ``--out``).
 
+``--reference benchmarks/work/OTHER`` takes group I from a finished study of the same protocol (any
+generator, sampling or filter) instead of training it again: a study of one generator row then
+trains half the folds, and its comparison with the other study pairs the same group I.
+
 Writes benchmarks/results/dice_scaling{.csv,.md,.png,.json,_curve.csv}; nnU-Net data, models and
 caches stay in benchmarks/work/dice_scaling.
 """
@@ -82,6 +86,9 @@ def main() -> None:
                              "patches (as synthesize does) or the study's own real tiles")
     parser.add_argument("--no-unfiltered", dest="unfiltered", action="store_false",
                         help="leave out the real + unfiltered synthetic rows (group I and the extra rows only)")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="a finished study folder of the same protocol (another generator, sampling or filter): "
+                             "its group I folds are taken instead of trained again")
     parser.add_argument("--sample-batch", type=int, default=64, help="images sampled together by the generator")
     # default (None): the generator run's own sampling defaults, chosen at the end of its training
     parser.add_argument("--cfg", type=float, default=None)
@@ -102,7 +109,7 @@ def main() -> None:
 
     settings = settings_for(args)
     paths = run_benchmark(settings, args.out, torch.device(args.device), show_progress=not args.quiet,
-                          report_dir=args.out / "report", name=args.name)
+                          report_dir=args.out / "report", name=args.name, reference=args.reference)
     RESULTS.mkdir(parents=True, exist_ok=True)
     for kind, path in paths.items():
         shutil.copyfile(path, RESULTS / path.name)

@@ -405,6 +405,7 @@ def benchmark(
     model: Optional[Path] = typer.Option(None, help="Reuse a trained run; every validation image must be among its held-out images."),
     preset: Preset = typer.Option(Preset.cpu, help="Generator preset when no --model is given (trained on the real training pool only)."),
     out: Path = typer.Option(Path("pathar_benchmark"), help="Benchmark folder: nnU-Net data, models, caches and the report. Rerun to resume."),
+    reference: Optional[Path] = typer.Option(None, help="A finished benchmark folder of the same data and settings but another generator (or sampling, filter, rows): its real-only folds (group I) are taken instead of trained again, and the report says so. Halves a study that compares one generator row with group I."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda ..."),
     quiet: bool = typer.Option(False, help="No progress bars."),
     classes: Optional[str] = typer.Option(None, help="Multi-class masks: the classes as name=id pairs, ids 0, 1, ... K-1 with 0 the background (default: binary). nnU-Net segments every class; the report adds the Dice of each class (dice_<class>)."),
@@ -446,7 +447,7 @@ def benchmark(
         unet_max_features=unet_max_features, curve=curve, instances=str(instances) if instances else None,
         model=str(model) if model else None, preset=preset.value,
         classes=parse_classes(classes).mapping() if classes is not None else None, mask_mode=mask_mode.value)
-    paths = run_benchmark(settings, out, _device(device), reporter=_reporter(quiet))
+    paths = run_benchmark(settings, out, _device(device), reporter=_reporter(quiet), reference=reference)
     console.print(f"\n[bold green]done[/bold green]: table {paths['md']}")
     console.print(paths["md"].read_text(), markup=False, highlight=False)
 

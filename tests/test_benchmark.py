@@ -348,3 +348,33 @@ def test_border_study_reports_dice_per_class(tmp_path):
     assert set(report["dice_border_per_case"]) == set(report["dice_per_case"])
     with (out / "dice_scaling_curve.csv").open() as f:
         assert {"dice", "aji", "pq", "dice_interior", "dice_border"} <= set(next(csv.DictReader(f)))
+
+
+def test_reference_study_lends_its_group_I_and_refuses_another_protocol(study, tmp_path):
+    # a filtered row against the fixture's group I: same data, tiles, seeds and nnU-Net settings,
+    # another generator row (GENERATOR_ONLY) -> group I is taken, not trained again
+    common = ["--images", str(study.images), "--masks", str(study.masks), "--model", str(study.out / "generator"),
+              "--real", "4", "--synthetic", "0,4", "--synthetic-only", "0", "--extra-rows", "largest",
+              "--extra-kinds", "filtered", "--no-unfiltered", "--epochs", "1", "--iterations", "2", "--seeds", "1",
+              "--device", "cpu", "--quiet"]
+    out = tmp_path / "filtered"
+    res = runner.invoke(app, ["benchmark", "--out", str(out), "--val", "4", "--reference", str(study.out), *common])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "dice_scaling.json").read_text())
+    (mine_i,) = [r for n, r in report["folds"].items() if r["group"]["numeral"] == "I"]
+    (theirs_i,) = [r for r in json.loads((study.out / "dice_scaling.json").read_text())["folds"].values()
+                   if r["group"]["numeral"] == "I"]
+    assert mine_i["reference"].startswith(str(study.out / "groups")) and mine_i["train_s"] is None
+    assert report["dice_per_case"][next(n for n in report["folds"] if "-I-" in n)] == \
+        next(v for n, v in json.loads((study.out / "dice_scaling.json").read_text())["dice_per_case"].items() if "-I-" in n)
+    assert mine_i["dice_per_label"] == theirs_i["dice_per_label"]
+    models = out / "nnUNet_results"
+    assert not list(models.rglob("fold_0/checkpoint_final.pth")) and list(models.rglob("fold_1/checkpoint_final.pth"))
+    assert "Not trained in this study" in (out / "dice_scaling.md").read_text()
+    # the same command resumes with group I kept, with or without --reference
+    res = runner.invoke(app, ["benchmark", "--out", str(out), "--val", "4", *common])
+    assert res.exit_code == 0 and "Not trained in this study" in (out / "dice_scaling.md").read_text()
+    # another protocol (other validation tiles) is refused before anything is prepared
+    other = tmp_path / "other"
+    res = runner.invoke(app, ["benchmark", "--out", str(other), "--val", "3", "--reference", str(study.out), *common])
+    assert res.exit_code != 0 and "val differ" in " ".join(res.output.split()) and not other.exists()

@@ -17,6 +17,7 @@ from pathar_aug.mask_classes import BINARY, MaskClasses
 from pathar_aug.study.plan import CLASSES_FILE, INSTANCES_FILE, Plan
 from pathar_aug.study.prepare import Prepared, State
 from pathar_aug.study.settings import (
+    GENERATOR_ONLY,
     KIND_FILTERED,
     KIND_GENERATED,
     KIND_REAL,
@@ -78,11 +79,60 @@ def score_fold(preds: dict[str, np.ndarray], truth: dict[str, np.ndarray], plan:
     return out
 
 
+def check_reference(reference: str | Path, settings: BenchmarkSettings, out: Path) -> Path:
+    """``reference`` resolved, when it is another study folder made with the same settings but the
+    generator's (``GENERATOR_ONLY``); else a ValueError that names what differs."""
+    reference = Path(reference).resolve()
+    if not (reference / "settings.json").is_file() or not (reference / "plan.json").is_file():
+        raise ValueError(f"--reference {reference} is not a benchmark folder (no settings.json and plan.json)")
+    if reference == Path(out).resolve():
+        raise ValueError("--reference must be another study folder than --out")
+    mine = json.loads(json.dumps(settings.to_json()))
+    theirs = json.loads((reference / "settings.json").read_text())
+    differ = sorted(k for k in (set(mine) | set(theirs)) - GENERATOR_ONLY if mine.get(k) != theirs.get(k))
+    if differ:
+        raise ValueError(f"--reference {reference} was made with other settings ({', '.join(differ)} differ): "
+                         "its group I would not repeat this study's")
+    return reference
+
+
+def reference_folds(reference: str | Path, prepared: Prepared) -> dict[tuple[str, int], dict]:
+    """The finished real-only folds of another study folder that this study would repeat, by (group
+    key, seed): that study must equal this one in every setting but the generator's
+    (``GENERATOR_ONLY``) and in its nnU-Net plans, and each fold must train and validate on the same
+    cases. Their results are taken as they are (a group I trained again differs only by nnU-Net's
+    run-to-run noise), and the report says so."""
+    reference = check_reference(reference, prepared.settings, prepared.out)
+
+    def trained_with(plans: dict | None) -> dict:  # the planner's batch follows the case count; batch_size is used
+        return {k: v for k, v in (plans or {}).items() if k != "planned_batch_size"}
+
+    plans = trained_with(State(prepared.out / "state.json").data["stages"].get("plans"))
+    their_plans = trained_with(State(reference / "state.json").data["stages"].get("plans"))
+    if plans != their_plans:
+        raise ValueError(f"--reference {reference} planned nnU-Net otherwise ({their_plans} against {plans})")
+    real_only = {g.key for g in prepared.settings.groups if g.kind == KIND_REAL}
+    mine_folds = {(f["group"], f["seed"]): f for f in prepared.plan.folds if f["group"] in real_only}
+    out = {}
+    for k, fold in enumerate(json.loads((reference / "plan.json").read_text())["folds"]):
+        key = (fold["group"], fold["seed"])
+        if key not in mine_folds or (fold["train"], fold["val"]) != (mine_folds[key]["train"], mine_folds[key]["val"]):
+            continue
+        found = sorted((reference / "groups").glob(f"fold{k:02d}-*-{fold['group']}-seed{fold['seed']}/result.json"))
+        if found:
+            result = json.loads(found[0].read_text())
+            out[key] = {**result, "reference": str(found[0].parent), "train_s": None, "predict_s": 0.0}
+    return out
+
+
 def train_and_evaluate(prepared: Prepared, identifier: str, device: torch.device, log: Log | None = None,
-                       show_progress: bool = True, reporter: Reporter | None = None) -> dict[str, dict]:
+                       show_progress: bool = True, reporter: Reporter | None = None,
+                       reference: str | Path | None = None) -> dict[str, dict]:
     """Write the folds, train each with nnU-Net's trainer (skipping finished ones), segment the
     validation tiles with nnU-Net's predictor and cache per-case Dice, AJI and PQ (and, for the
-    curve folds, the same at 25 / 50 / 75 % of the schedule); returns fold results by name."""
+    curve folds, the same at 25 / 50 / 75 % of the schedule); returns fold results by name.
+    ``reference``: another study folder whose finished real-only folds are taken instead of
+    training them again (``reference_folds``)."""
     nn_device = "cuda" if device.type == "cuda" else str(device)
     threads = torch.get_num_threads()
     if device.type == "cpu":
@@ -90,13 +140,14 @@ def train_and_evaluate(prepared: Prepared, identifier: str, device: torch.device
         # beside the worker, epochs on 2 cores took 2-4x longer
         torch.set_num_threads(1)
     try:
-        return _train_and_evaluate(prepared, identifier, device, nn_device, reporter_for(reporter, log, show_progress))
+        return _train_and_evaluate(prepared, identifier, device, nn_device, reporter_for(reporter, log, show_progress),
+                                   reference)
     finally:
         torch.set_num_threads(threads)
 
 
 def _train_and_evaluate(prepared: Prepared, identifier: str, device: torch.device, nn_device: str,
-                        reporter: Reporter) -> dict[str, dict]:
+                        reporter: Reporter, reference: str | Path | None = None) -> dict[str, dict]:
     from nnunet_integration.dataset import list_cases
     from nnunet_integration.paths import nnunet_env
     from nnunet_integration.runner import model_folder, predict, train_fold
@@ -109,6 +160,7 @@ def _train_and_evaluate(prepared: Prepared, identifier: str, device: torch.devic
     with_curve = curve_folds(settings)
     groups = {g.key: g for g in settings.groups}
     state = State(out / "state.json")
+    borrowed = reference_folds(reference, prepared) if reference else {}
     results: dict[str, dict] = {}
     cases = list_cases(prepared.dataset)
     classes, mask_mode, metrics = settings.mask_classes, settings.mask_mode, settings.metrics
@@ -134,13 +186,17 @@ def _train_and_evaluate(prepared: Prepared, identifier: str, device: torch.devic
                 folder = out / "groups" / name
                 result_file = folder / "result.json"
                 final = model_dir / f"fold_{k}" / "checkpoint_final.pth"
-                if result_file.exists() and final.exists():
+                if not result_file.exists() and (g.key, fold["seed"]) in borrowed:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    save_json(borrowed[(g.key, fold["seed"])], result_file)  # a later resume keeps it
+                if result_file.exists():
                     cached = json.loads(result_file.read_text())
-                    if cached.get("checkpoint") == _fold_signature(final):
+                    if cached.get("reference") or (final.exists() and cached.get("checkpoint") == _fold_signature(final)):
                         cached["reused"] = True
                         results[name] = cached
                         overall.advance(1)
-                        log(f"  {g.numeral:>4} {g.description} (seed {fold['seed']}): cached, mean Dice "
+                        source = f"taken from {cached['reference']}" if cached.get("reference") else "cached"
+                        log(f"  {g.numeral:>4} {g.description} (seed {fold['seed']}): {source}, mean Dice "
                             f"{np.mean(list(cached['dice_per_label'].values())):.3f}")
                         continue
                 schedule = base_schedule

@@ -227,6 +227,8 @@ def markdown_table(settings: BenchmarkSettings, plan: Plan, rows: list[dict], me
               "gamma, low resolution) runs in every group.",
               f"nnU-Net: {meta['plans_text']}; schedule {meta['schedule_text']}, identical for every group.",
               f"Generator: {meta['generator_text']}."]
+    if meta.get("reference_text"):
+        lines.append(meta["reference_text"])
     lines += convergence_markdown(converged or [], labels) + [""]
     return "\n".join(lines)
 
@@ -334,6 +336,12 @@ def write_report(prepared: Prepared, identifier: str, results: dict[str, dict], 
                            if settings.mask_classes.keeps_values(settings.mask_mode)
                            else "the masks' own instance ids, or their connected components where a mask is binary"),
     }
+    taken = sorted((r["group"]["numeral"], r["seed"], str(Path(r["reference"]).parent.parent))
+                   for r in results.values() if r.get("reference"))
+    if taken:
+        meta["reference_text"] = "Not trained in this study (taken from a study of the same data, tiles, seeds and " \
+            "nnU-Net settings, `--reference`): " + "; ".join(
+                f"group {numeral} seed {seed} from {source}" for numeral, seed, source in taken) + "."
     paths = {"csv": report_dir / f"{name}.csv", "md": report_dir / f"{name}.md", "png": report_dir / f"{name}.png",
              "json": report_dir / f"{name}.json", "curve": report_dir / f"{name}_curve.csv"}
     label_rows = [r for r in rows if r["label"] != AVERAGE]  # the average over labels lives in .md and .json

@@ -36,6 +36,12 @@ SCHEDULES = ("cpu", "full")
 # study picks its real tiles nuclei first, so with "run" its synthetic tiles hold empty masks (about
 # 40 % for DSB2018 brightfield) where its real ones hold none.
 FILTER_EMPTY = ("run", "study")
+# Settings that change only the synthetic rows (the generator, its sampling and filtering, which
+# rows run): two studies equal in all others train group I on the same cases the same way, so their
+# folds pair (benchmarks.dice_compare) and one may take its group I from the other (--reference).
+GENERATOR_ONLY = frozenset({"model", "preset", "synthetic", "synthetic_only", "extra_rows", "extra_kinds",
+                            "unfiltered", "filter_oversample", "filter_order", "filter_empty", "guidance",
+                            "temperature", "top_k", "top_p", "sample_batch", "classical"})
 
 
 # The CPU schedule's batch: nnU-Net's planner sizes the batch for a GPU (for 128 px tiles and a few
