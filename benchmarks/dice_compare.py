@@ -92,7 +92,12 @@ def compare(a: dict, b: dict, key_a: str, key_b: str, bootstrap: int) -> dict:
     return out
 
 
-def markdown(sides: tuple[str, str], result: dict, reference: dict | None) -> str:
+def shared_reference(*studies: dict) -> bool:
+    """Whether one study took its group I from another (``--reference``): the two then share it."""
+    return any(r.get("reference") for s in studies for r in s["folds"].values() if r["group"]["key"] == REFERENCE)
+
+
+def markdown(sides: tuple[str, str], result: dict, reference: dict | None, shared: bool = False) -> str:
     labels = list(result["dice"])
     lines = [f"# {sides[1]} against {sides[0]}", "",
              "Each cell: B - A, the mean over seeds and validation tiles, with its 95 % paired bootstrap interval "
@@ -108,6 +113,9 @@ def markdown(sides: tuple[str, str], result: dict, reference: dict | None) -> st
     for metric in METRICS:
         for name, figures in rows:
             lines.append(f"| {metric} | {name} | " + " | ".join(cell(figures[metric][lb]) for lb in labels) + " |")
+    if shared:
+        lines += ["", "Group I is shared: one study took the other's group I folds (`--reference`), so the "
+                      "pairs differ only in the generator's rows."]
     lines.append("")
     return "\n".join(lines)
 
@@ -124,12 +132,14 @@ def main() -> None:
     check_pairable(a, b, (name_a, name_b))
     result = compare(a, b, key_a, key_b, args.bootstrap)
     has_reference = all(any(f["group"]["key"] == REFERENCE for f in s["folds"].values()) for s in (a, b))
-    reference = compare(a, b, REFERENCE, REFERENCE, args.bootstrap) if has_reference else None
-    text = markdown((args.a, args.b), result, reference)
+    shared = shared_reference(a, b)
+    reference = compare(a, b, REFERENCE, REFERENCE, args.bootstrap) if has_reference and not shared else None
+    text = markdown((args.a, args.b), result, reference, shared)
     (RESULTS / f"{args.name}.md").write_text(text)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(
         {"command": f"python -m benchmarks.dice_compare {args.a} {args.b} --name {args.name}",
-         "a": args.a, "b": args.b, "b_minus_a": result, "group_I_drift": reference}, indent=1) + "\n")
+         "a": args.a, "b": args.b, "b_minus_a": result, "group_I_drift": reference,
+         "group_I_shared": shared}, indent=1) + "\n")
     print(text)
 
 
