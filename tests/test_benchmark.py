@@ -297,6 +297,9 @@ def test_filtered_row_keeps_the_pairs_the_quality_filter_ranks_best(study, tmp_p
     assert set(acceptance) == set(LABELS)
     for counts in acceptance.values():
         assert counts["candidates"] == 3 * 3 and counts["kept"] <= 3 and counts["passed"] >= counts["kept"]
+    # a resumed folder keeps the counts of the runs before it and draws nothing again
+    prepare(settings, tmp_path / "bench", torch.device("cpu"), log=lambda *_: None, show_progress=False)
+    assert json.loads((prepared.out / "state.json").read_text())["stages"]["filter_acceptance"] == acceptance
     # the filter the row used is the run's own
     assert QualityFilter.load(study.out / "generator").thresholds().keys() == set(LABELS)
     # --filter-empty study: the real tiles (picked nuclei first) hold no empty mask, so neither do

@@ -321,17 +321,22 @@ def prepare(settings: BenchmarkSettings, out: str | Path, device: torch.device, 
             continue
         t = time.time()
         written = 0
-        acceptance: dict[str, list[int]] = {}
+        # the filter's counts over every chunk drawn, a resumed run adding to those of the runs before
+        acceptance = {label: [a["candidates"], a["passed"], a["kept"]]
+                      for label, a in state.data["stages"].get("filter_acceptance", {}).items()}
+
+        def record_acceptance() -> None:
+            state.data["stages"]["filter_acceptance"] = {
+                label: dict(zip(("candidates", "passed", "kept"), counts)) for label, counts in acceptance.items()}
+            state.save()
+
         for k in range(settings.seeds):
             written += _write_synthetic(dataset, kind, k, batch_settings, plan.synthetic[kind][k],
                                         _chunk_maker(kind, k, settings, generator, tiles, index, sampling, device,
-                                                     acceptance, reporter),
+                                                     acceptance, reporter, record_acceptance),
                                         settings.sample_batch, reporter, mask_labels)
         if written:
             state.data["stages"][f"{kind}_s"] = round(time.time() - t, 1)
-            if acceptance:
-                state.data["stages"]["filter_acceptance"] = {
-                    label: dict(zip(("candidates", "passed", "kept"), counts)) for label, counts in acceptance.items()}
             state.save()
             log(f"  {kind}: {written} new cases ({time.time() - t:.0f} s)")
     state.data["stages"]["dataset_written"] = True
@@ -341,9 +346,10 @@ def prepare(settings: BenchmarkSettings, out: str | Path, device: torch.device, 
 
 def _chunk_maker(kind: str, seed: int, settings: BenchmarkSettings, generator: Generator | None, tiles: Tiles,
                  index: dict, sampling: dict, device: torch.device, acceptance: dict[str, list[int]],
-                 reporter: Reporter):
+                 reporter: Reporter, on_acceptance: Callable[[], None] = lambda: None):
     """The function making one chunk of synthetic tiles of ``kind`` for ``_write_synthetic``;
-    the filtered kind adds its (candidates, passed, kept) per label to ``acceptance``."""
+    the filtered kind adds its (candidates, passed, kept) per label to ``acceptance`` and calls
+    ``on_acceptance`` after each chunk."""
     pool = tiles.pool
 
     def config(label: str, start: int) -> SamplingConfig:
@@ -379,6 +385,7 @@ def _chunk_maker(kind: str, seed: int, settings: BenchmarkSettings, generator: G
             pick = torch.tensor(selection.filled(n))
             acceptance[label] = [a + b for a, b in zip(acceptance.get(label, [0, 0, 0]),
                                                        (selection.candidates, selection.passed, len(selection.kept)))]
+            on_acceptance()
             return images[pick], masks[pick]
         return make
 

@@ -327,8 +327,9 @@ def write_report(prepared: Prepared, identifier: str, results: dict[str, dict], 
                           if state.data["stages"].get("sampling") else "")
                          + ("; the generator run's own defaults" if all(
                              getattr(settings, k) is None for k in ("guidance", "temperature", "top_k", "top_p")) else ""),
-        "filter_text": "per label, candidates that passed the filter's threshold and passing pairs kept (the "
-                       "rest of each row topped up with the best-ranked others): " + ", ".join(
+        "filter_text": "per label, over every chunk drawn (resumed runs included), candidates that passed the "
+                       "filter's threshold and passing pairs kept (the rest of each row topped up with the "
+                       "best-ranked others): " + ", ".join(
             f"{label} {a['passed']}/{a['candidates']}, {a['kept']} kept"
             for label, a in state.data["stages"].get("filter_acceptance", {}).items()),
         "instances_text": (f"from {settings.instances}" if settings.instances
