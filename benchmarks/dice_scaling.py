@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--extra-kinds", default="filtered",
                         help="rows beside real + synthetic: rendered, classical, filtered")
     parser.add_argument("--filter-order", default=DEFAULT_ORDER, choices=ORDERS,
-                        help="which passing pairs the filtered row keeps: the best first, or in the order drawn")
+                        help="which passing pairs the filtered row keeps: in the order drawn (the product's default) or the best first")
     parser.add_argument("--filter-empty", default="run", choices=FILTER_EMPTY,
                         help="whose empty / full mask shares cap the filtered row: the generator's training "
                              "patches (as synthesize does) or the study's own real tiles")

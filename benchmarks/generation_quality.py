@@ -12,7 +12,8 @@ each modality's source images, never trained on); in the same tables:
     tokenizer swap                   structure tokens of one held-out patch, appearance tokens of another (any label):
                                      its image-mask Dice is the swap consistency (does the image follow S?)
     model                            N pairs per label sampled from the run (its own sampling defaults, sampling.json)
-    model, filtered                  the N of 2 N sampled pairs the run's quality filter ranks best (passing only)
+    model, filtered                  N of 2 N sampled pairs that pass the run's quality filter (--filter-order:
+                                     as drawn by default, or the best first)
     weak: marginal tokens            N pairs per label of independent tokens from the training token frequencies
 
 N = 200 per label by default, sized so the whole run (DSB2018 ingest, 600 sampled pairs, evaluator
@@ -82,7 +83,7 @@ def main() -> None:
     ap.add_argument("--top-p", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--filter-order", default=DEFAULT_ORDER, choices=ORDERS,
-                    help="which passing pairs the 'model, filtered' set keeps: the best first, or in the order drawn")
+                    help="which passing pairs the 'model, filtered' set keeps: in the order drawn (the product's default) or the best first")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--run", type=Path, default=None,
                     help="another finished DSB2018 run folder (default: the shared `cpu` run, trained on first use)")

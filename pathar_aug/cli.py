@@ -273,9 +273,10 @@ def synthesize(
 
     [bold]Quality filter (on by default).[/bold] The run's own segmenter, trained on its real
     training patches, segments each generated image; its Dice against the generated mask is the
-    pair's agreement. --oversample candidates are drawn per requested pair and the best per label
-    (--filter-order draw: the first, as drawn) are kept among those reaching the threshold (default: the 10th percentile of the same
-    segmenter's Dice on real held-out tiles of that label); empty and full masks are kept at most
+    pair's agreement. --oversample candidates are drawn per requested pair and, per label, the first
+    as drawn (--filter-order agreement: the best) are kept among those reaching the threshold
+    (default: the 10th percentile of the same segmenter's Dice on real held-out tiles of that
+    label); empty and full masks are kept at most
     at the real data's rate. Each kept pair's scores are recorded in the manifest and the
     acceptance rate per label is printed. No more than --oversample x --n candidates are ever drawn:
     a label with too few passing candidates gets fewer pairs, and the command says how many were

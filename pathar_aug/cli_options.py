@@ -39,6 +39,6 @@ def sampling_config(cfg: float | None, temperature: float | None, top_k: int | N
     values = resolve_sampling(run, **given) if run is not None else \
         {k: getattr(_DEFAULT_SAMPLING, k) if v is None else v for k, v in given.items()}
     return SamplingConfig(**values, seed=seed, batch_size=batch_size)
-FILTER_ORDER_OPTION = typer.Option(DEFAULT_ORDER, help="Filter: which passing pairs are kept, 'agreement' (the best first) "
-                                   "or 'draw' (in the order drawn: the sampled nuclei sizes stay; ranking by Dice "
-                                   "favours large nuclei).")
+FILTER_ORDER_OPTION = typer.Option(DEFAULT_ORDER, help="Filter: which passing pairs are kept, 'draw' (in the order "
+                                   "drawn: the sampled nuclei sizes stay) or 'agreement' (the best first: ranking by "
+                                   "Dice favours large nuclei; the order before draw became the default).")

@@ -126,7 +126,7 @@ class PairScores:
 class Selection:
     """The outcome of ``QualityFilter.select`` for one label's candidates."""
 
-    kept: list[int]  # candidate indices, in the order of selection (best agreement first by default)
+    kept: list[int]  # candidate indices, in the order of selection (as drawn, or best agreement first)
     scores: list[PairScores]  # one per candidate
     threshold: float
     max_empty: int
@@ -226,7 +226,7 @@ def _as_hw(mask: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 class QualityFilter:
-    """Scores generated pairs and keeps the best per label within the real data's empty/full rates.
+    """Scores generated pairs and keeps those that pass per label within the real data's empty/full rates.
 
     ``QualityFilter.load(run_dir)`` reads a run's filter; ``select(images, masks, label, keep)``
     returns the kept candidate indices and every candidate's scores.
@@ -283,8 +283,8 @@ class QualityFilter:
     def select(self, images: Sequence[np.ndarray | torch.Tensor], masks: Sequence[np.ndarray | torch.Tensor],
                label: str, keep: int | None = None, max_empty: int | None = None, max_full: int | None = None,
                min_agreement: float | None = None, order: str = DEFAULT_ORDER) -> Selection:
-        """Keep up to ``keep`` candidates of one label, best agreement first (``order="draw"``:
-        in the order given; see ``ORDERS``).
+        """Keep up to ``keep`` passing candidates of one label, in the order given (``order="draw"``,
+        the default) or best agreement first (``order="agreement"``; see ``filter_order``).
 
         A candidate is eligible when its agreement reaches ``min_agreement`` (default: the label's
         threshold from the real distribution). At most ``max_empty`` empty and ``max_full`` full

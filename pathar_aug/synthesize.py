@@ -148,7 +148,7 @@ def synthesize_into(
     whose candidates fall short gets fewer pairs (``SynthesisResult.labels`` says how many). Each
     kept pair's scores go into the manifest. Mask-conditioned pairs (``masks_from``) are scored and
     recorded, never dropped: their masks are the user's. ``filter_order="draw"`` keeps the passing
-    pairs in the order drawn instead of the best first (``quality_filter.ORDERS``). A run without a
+    pairs in the order drawn (the default), ``"agreement"`` the best first (``filter_order.ORDERS``). A run without a
     filter (trained before the stage existed) gets it trained here first, once, into its run folder.
 
     Cases take the dataset's own format (``nnunet_integration.formats``); a generator of gray images
@@ -253,7 +253,7 @@ def synthesize_into(
             yield case if scores[j] is None else (*case, scores[j])
 
     def filtered_chunk(chunk: range, cfg: SamplingConfig) -> Iterator[tuple]:
-        """Draw oversample x the chunk's pairs per label in one go; keep the best of each label."""
+        """Draw oversample x the chunk's pairs per label in one go; keep those of each label the filter passes."""
         by_label: dict[int, list[int]] = {}
         for i in chunk:
             by_label.setdefault(labels[i], []).append(i)

@@ -61,7 +61,7 @@ def evaluate(trained, *args: str):
 def test_evaluate_writes_tables_grids_and_rerun_uses_caches(trained, timm_weights, tmp_path, monkeypatch):
     out = tmp_path / "eval"
     spec = f"timm:test_resnet={timm_weights},name=my-resnet,image_size=64"
-    # every candidate passes at agreement 0: the filtered set then holds the 8 best of 16 draws
+    # every candidate passes at agreement 0: the filtered set then holds 8 of 16 draws (the first, as drawn)
     args = ["--n", "8", "--out", str(out), "--features", "style", "--features", "colour-texture", "--features", spec,
             "--min-agreement", "0"]
     res = evaluate(trained, *args)

@@ -71,7 +71,7 @@ def test_agreeing_pairs_are_kept_and_disagreeing_ones_dropped():
     assert all(sel.scores[i].agreement < 0.6 for i in (1, 3))
     assert sel.candidates == 5 and sel.passed == 3 and sel.acceptance == pytest.approx(0.6)
     # keep: the best first, never more than asked, never a pair under the threshold
-    sel = make_filter().select(*split(pairs), "nuc", keep=2)
+    sel = make_filter().select(*split(pairs), "nuc", keep=2, order="agreement")
     assert len(sel.kept) == 2 and set(sel.kept) <= {0, 2, 4}
     assert sel.scores[sel.kept[0]].agreement >= sel.scores[sel.kept[1]].agreement
     assert make_filter().select(*split(pairs), "nuc", min_agreement=0.0).passed == 5
@@ -86,8 +86,8 @@ def test_draw_order_keeps_the_first_passing_pairs_not_the_best():
     # keeps the first pairs that pass
     pairs = [mismatched(9)] + [matched(i) for i in range(6)]
     filt = make_filter(threshold=0.0)
-    best = filt.select(*split(pairs), "nuc", keep=3)
-    drawn = filt.select(*split(pairs), "nuc", keep=3, order="draw")
+    best = filt.select(*split(pairs), "nuc", keep=3, order="agreement")
+    drawn = filt.select(*split(pairs), "nuc", keep=3)  # the default order
     assert drawn.kept == [0, 1, 2]  # threshold 0: every pair passes, the first three are kept as drawn
     assert [drawn.scores[i].agreement for i in best.kept] == sorted((s.agreement for s in drawn.scores), reverse=True)[:3]
     # the threshold still drops, and the empty quota still caps, in draw order
@@ -105,10 +105,10 @@ def sel_kept_default(pairs) -> list[int]:
 def test_empty_masks_are_kept_only_at_the_real_rate():
     # empty masks over empty-looking images agree perfectly (Dice 1) and would win every ranking
     pairs = [empty_pair(i) for i in range(8)] + [matched(10 + i) for i in range(8)]
-    sel = make_filter(empty=0.25).select(*split(pairs), "nuc", keep=8)
+    sel = make_filter(empty=0.25).select(*split(pairs), "nuc", keep=8, order="agreement")
     kept_empty = [i for i in sel.kept if sel.scores[i].empty]
     assert len(sel.kept) == 8 and len(kept_empty) == 2 == sel.max_empty
-    assert make_filter(empty=0.0).select(*split(pairs), "nuc", keep=8).kept == \
+    assert make_filter(empty=0.0).select(*split(pairs), "nuc", keep=8, order="agreement").kept == \
         sorted(range(8, 16), key=lambda i: -make_filter().score([pairs[i][0]], [pairs[i][1]], 0.6)[0].agreement)
     # without keep: every passing regular pair, and empties at the real share of the kept set
     sel = make_filter(empty=0.2).select(*split(pairs), "nuc")
@@ -235,7 +235,7 @@ def test_synthesize_records_scores_and_acceptance(run, raw):
                               "--into", "Dataset511_Filter"])
     assert res.exit_code == 0, res.output
     dataset = raw / "Dataset511_Filter"
-    # threshold 0: every candidate passes, so the count is deterministic; the best 4 of 8 are kept
+    # threshold 0: every candidate passes, so the count is deterministic; 4 of 8 are kept (as drawn)
     res = runner.invoke(app, ["synthesize", "--model", str(run["run"]), "--into", "511", "--n", "4", "--per-label",
                               "--batch-size", "4", "--oversample", "2", "--min-agreement", "0"])
     assert res.exit_code == 0, res.output
@@ -253,7 +253,6 @@ def test_synthesize_records_scores_and_acceptance(run, raw):
         mine = [s for n, s in scores.items() if f"_{label}-" in n]
         assert 0 < len(mine) <= 4
         assert sum(s["empty"] for s in mine) <= quota(filt.stats[label].empty_share, 0, 4)
-        assert [s["agreement"] for s in mine] == sorted((s["agreement"] for s in mine), reverse=True)
     verify(dataset)
     # the library returns the same numbers
     from pathar_aug.sampler import SamplingConfig
@@ -277,13 +276,19 @@ def test_synthesize_records_scores_and_acceptance(run, raw):
             assert manifest.scores(name)["threshold"] == pytest.approx(filt.stats[label].threshold, abs=1e-4)
             assert manifest.scores(name)["agreement"] >= manifest.scores(name)["threshold"]
     assert "requested pairs written" in " ".join(res.output.split())
-    # --filter-order draw: a batch of its own, the order in its settings, every kept pair passing
+    # --filter-order agreement (the ranking): a batch of its own whose settings name no order, as
+    # batches written before the option; the default's batches name theirs, draw; every kept pair passes
     res = runner.invoke(app, ["synthesize", "--model", str(run["run"]), "--into", "511", "--n", "2", "--per-label",
-                              "--batch-size", "2", "--seed", "2", "--filter-order", "draw"])
+                              "--batch-size", "2", "--seed", "2", "--filter-order", "agreement", "--min-agreement", "0"])
     assert res.exit_code == 0, res.output
     manifest = load_manifest(dataset)
-    drawn = [b for b in manifest.batches.values() if b["settings"]["filter"].get("order") == "draw"]
-    assert len(drawn) == 1 and len(manifest.batches) == 3
+    orders = {tag: b["settings"]["filter"].get("order") for tag, b in manifest.batches.items()}
+    assert len(orders) == 3 and list(orders.values()).count(None) == 1 and list(orders.values()).count("draw") == 2
+    (ranked,) = [tag for tag, order in orders.items() if order is None]
+    for label in ("bright", "dark"):  # the ranking keeps the best first
+        mine = [manifest.scores(n)["agreement"] for n in manifest.names()
+                if n.startswith(f"pathar_{ranked}_") and f"_{label}-" in n]
+        assert mine and mine == sorted(mine, reverse=True)
     assert all(s["agreement"] >= s["threshold"] for n in manifest.names() if (s := manifest.scores(n)))
 
 

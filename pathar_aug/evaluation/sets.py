@@ -23,7 +23,7 @@ from .images import Pair
 RECON = "tokenizer reconstructions"
 SWAP = "tokenizer swap"  # (S_p, A_q) of two real tiles, q of any label: does the image follow S?
 MODEL = "model"
-MODEL_FILTERED = "model, filtered"  # the run's quality filter keeps the best half of 2 x n draws
+MODEL_FILTERED = "model, filtered"  # n of 2 x n draws that pass the run's quality filter (filter_order)
 WEAK = "weak: marginal tokens"
 FILTER_OVERSAMPLE = 2
 

@@ -375,7 +375,7 @@ def _chunk_maker(kind: str, seed: int, settings: BenchmarkSettings, generator: G
             return {"max_empty": quota(empty, start, stop), "max_full": quota(full, start, stop)}
 
         def make(label, li, start, stop):
-            # oversample, keep the pairs the filter ranks best; a label whose candidates pass too
+            # oversample, keep the pairs the filter passes (filter_order); a label whose candidates pass too
             # rarely is topped up with the best of the rest, so every group keeps its size
             n = stop - start
             images, masks = generator.generate([generator.label_index(label)] * (n * settings.filter_oversample),

@@ -19,7 +19,7 @@ DATASET_NAME = "PatharBenchmark"
 REAL_PREFIX = "r-"  # real tile cases: r-<label>-<source>-t<k>
 
 KIND_REAL, KIND_GENERATED, KIND_RENDERED, KIND_CLASSICAL = "real", "generated", "rendered", "classical"
-KIND_FILTERED = "filtered"  # generated, oversampled, the pairs the run's quality filter ranks best kept
+KIND_FILTERED = "filtered"  # generated, oversampled, the pairs the run's quality filter passes kept
 KIND_TEXT = {KIND_GENERATED: "synthetic", KIND_RENDERED: "mask-conditioned", KIND_CLASSICAL: "classical aug.",
              KIND_FILTERED: "filtered synthetic"}
 BATCH_TAG = {KIND_GENERATED: "gen", KIND_RENDERED: "ren", KIND_CLASSICAL: "cls", KIND_FILTERED: "fil"}
@@ -277,9 +277,12 @@ class BenchmarkSettings:
             del data["mask_mode"]
         if self.unfiltered:  # likewise: folders made before the option existed resume
             del data["unfiltered"]
-        if self.filter_order == "agreement":  # the order of folders made before the option
+        # the filtered row's options, left out where they mean nothing (no such row) or where they
+        # hold the value of folders made before the options existed, so that those resume
+        filtered = any(g.kind == KIND_FILTERED for g in self.groups)
+        if self.filter_order == "agreement" or not filtered:
             del data["filter_order"]
-        if self.filter_empty == "run":
+        if self.filter_empty == "run" or not filtered:
             del data["filter_empty"]
         return data
 
