@@ -159,7 +159,8 @@ def test_second_run_retrains_nothing(study):
 def test_other_settings_in_the_same_folder_are_refused(study):
     args = [a if a != "0,4" else "0,5" for a in study.args]
     res = runner.invoke(app, args)
-    assert res.exit_code == 2 and "other settings" in " ".join(res.output.split())
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "other settings" in text and "synthetic: [0, 4] there, [0, 5] here" in text
 
 
 def test_model_whose_training_saw_a_validation_image_is_refused(study, tmp_path):

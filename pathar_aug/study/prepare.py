@@ -1,6 +1,7 @@
 """Prepare a study: split, tiles, the generator, one raw nnU-Net dataset with every case, one preprocessing."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -187,8 +188,14 @@ def _check_settings(out: Path, settings: BenchmarkSettings, write: bool) -> None
         now = json.loads(json.dumps(settings.to_json()))
         diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         if diff:
-            raise ValueError(f"{out} holds a benchmark made with other settings ({', '.join(diff)} differ); "
-                             "choose another --out or delete it")
+            try:  # as the folder's settings read (an option it leaves out holds its value from before the option)
+                stored = json.loads(json.dumps(dataclasses.asdict(BenchmarkSettings.from_json(before))))
+            except (TypeError, ValueError):
+                stored = before
+            detail = "; ".join(f"{k}: {stored.get(k, before.get(k))!r} there, {now.get(k, getattr(settings, k, None))!r} "
+                               "here" for k in diff)
+            raise ValueError(f"{out} holds a benchmark made with other settings ({detail}); give its settings to "
+                             "resume it, or choose another --out")
         return
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not a pathar-aug benchmark folder; choose another --out")
