@@ -12,9 +12,11 @@ ORDERS = ("agreement", "draw")
 # Which passing pairs are kept unless told: as drawn. In the DSB2018 Dice study with the partner GPU
 # generator, draw order against the ranking on the same group I: Dice +0.018 [-0.002, +0.039], AJI
 # +0.032 [+0.005, +0.060] on average, histology AJI +0.051 and PQ +0.064 (benchmarks/results/
-# dice_compare_draw.md). Settings and manifests written before the order was an option leave it
-# out and were ranked: readers take a missing order as "agreement".
+# dice_compare_draw.md).
 DEFAULT_ORDER = "draw"
+# The order meant where none is recorded: settings and manifests written before the order was an
+# option leave it out and were ranked. Writers leave this order out too, so that those resume.
+UNRECORDED_ORDER = "agreement"
 
 
 def check_order(order: str) -> str:

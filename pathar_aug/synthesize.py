@@ -18,7 +18,7 @@ from nnunet_integration.names import case_part
 from nnunet_integration.paths import FILE_ENDING, DatasetResolutionError, preprocessed_dir, resolve_dataset
 from nnunet_integration.splits import real_and_synthetic, update_splits
 from pathar_aug import distributed
-from pathar_aug.filter_order import DEFAULT_ORDER, check_order
+from pathar_aug.filter_order import DEFAULT_ORDER, UNRECORDED_ORDER, check_order
 from pathar_aug.ingest import IngestError, Sample, load_pairs
 from pathar_aug.generator import Generator, load_generator, masks_as_patches
 from pathar_aug.pipeline import RunInfo, ensure_filter
@@ -210,7 +210,7 @@ def synthesize_into(
     if quality is not None:  # absent without the filter: unfiltered batches keep their earlier tags
         settings["filter"] = {"segmenter": quality.fingerprint, "min_agreement": min_agreement,
                               "oversample": None if masks_from else oversample}
-        if filter_order != "agreement" and not masks_from:  # absent when ranked: earlier batches keep their tags
+        if filter_order != UNRECORDED_ORDER and not masks_from:  # earlier batches keep their tags
             settings["filter"]["order"] = filter_order
     batch = settings_batch_tag(settings)
     mode = "off" if quality is None else ("scores" if structure_masks is not None else "on")

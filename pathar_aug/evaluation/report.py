@@ -83,7 +83,7 @@ class EvalConfig:
     seed: int = 0
     # the filtered model set keeps pairs reaching this agreement (None: the run filter's own threshold)
     filter_min_agreement: float | None = None
-    filter_order: str = DEFAULT_ORDER  # quality_filter.ORDERS
+    filter_order: str = DEFAULT_ORDER  # filter_order.ORDERS
     # a multi-class run's class names (K > 2; empty: binary) and mask mode ("classes" or "border")
     mask_classes: tuple[str, ...] = ()
     mask_mode: str = "classes"

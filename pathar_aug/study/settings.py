@@ -10,7 +10,7 @@ from typing import Sequence
 
 from nnunet_integration.names import safe_name
 from pathar_aug.classical_augment import ClassicalAugment
-from pathar_aug.filter_order import DEFAULT_ORDER, check_order
+from pathar_aug.filter_order import DEFAULT_ORDER, UNRECORDED_ORDER, check_order
 from pathar_aug.mask_classes import MaskClasses, resolve_classes
 
 DEMO_DATA = Path(__file__).resolve().parent.parent / "demo_data"
@@ -189,7 +189,7 @@ class BenchmarkSettings:
     extra_kinds: tuple[str, ...] = DEFAULT_EXTRA_KINDS  # rows beside real + synthetic (EXTRA_KINDS)
     unfiltered: bool = True  # the real + unfiltered synthetic rows (False: only the extra kinds' rows)
     filter_oversample: int = 4  # candidates drawn per kept pair in that row
-    filter_order: str = DEFAULT_ORDER  # which passing pairs that row keeps (quality_filter.ORDERS)
+    filter_order: str = DEFAULT_ORDER  # which passing pairs that row keeps (filter_order.ORDERS)
     filter_empty: str = "run"  # whose empty / full shares cap that row (FILTER_EMPTY)
     val: int = 50  # validation tiles per label
     val_fraction: float | None = None  # of each label's source images; default: the model's, else 0.2
@@ -280,7 +280,7 @@ class BenchmarkSettings:
         # the filtered row's options, left out where they mean nothing (no such row) or where they
         # hold the value of folders made before the options existed, so that those resume
         filtered = any(g.kind == KIND_FILTERED for g in self.groups)
-        if self.filter_order == "agreement" or not filtered:
+        if self.filter_order == UNRECORDED_ORDER or not filtered:
             del data["filter_order"]
         if self.filter_empty == "run" or not filtered:
             del data["filter_empty"]
@@ -298,5 +298,5 @@ class BenchmarkSettings:
         data["classical"] = ClassicalAugment(**data.get("classical", {}))
         data["synthetic"] = tuple(data["synthetic"])
         data["extra_kinds"] = tuple(data.get("extra_kinds", DEFAULT_EXTRA_KINDS))
-        data.setdefault("filter_order", "agreement")  # left out: ranked (quality_filter.DEFAULT_ORDER)
+        data.setdefault("filter_order", UNRECORDED_ORDER)
         return cls(**data)
