@@ -355,7 +355,7 @@ def test_evaluate_sets_single_label_and_user_extractor(real, classifier):
     cfg = EvalConfig(kid_subsets=5, progress=False, train_segmenter=False, device="cpu")
     df = evaluate_sets({"histo": real["histo"]}, {"g": {"histo": real["histo"][:10]}},
                        [StyleClassifierFeatures(classifier, name="clf")], config=cfg)
-    assert set(df["feature_space"]) == {"clf", "masks"}
+    assert set(df["feature_space"]) == {"clf", "masks", "texture"}
     assert "style_score" not in set(df["metric"]) and "image_mask_dice" not in set(df["metric"])
     with pytest.raises(ValueError, match="reserved"):
         evaluate_sets(real, {"real": real}, config=cfg)

@@ -4,8 +4,10 @@ The result is a long table, one row per (label, set, feature_space, metric), so 
 (real held-out, tokenizer reconstructions, a weak baseline) and the model are simply more named
 sets. ``feature_space`` says where a number was computed: an extractor's name for FID / KID /
 precision / recall / mean_pairwise_l2, the classifier for style_score, the LPIPS variant for
-lpips, ``masks`` for structure statistics and ``segmenter`` for image-mask Dice (also apart for masks
-with nuclei and for empty masks: whether an image shows nuclei where its mask has none).
+lpips, ``masks`` for structure statistics, ``texture`` for how hard the pairs are to segment
+(fine detail, background spread and nucleus contrast, ``texture.py``) and ``segmenter`` for
+image-mask Dice (also apart for masks with nuclei and for empty masks: whether an image shows
+nuclei where its mask has none).
 
 Multi-class masks (``EvalConfig.mask_classes`` with K > 2 names): the segmenter is K-way, each
 foreground class gets its own image-mask Dice row (``image_mask_dice_<class>``) beside the
@@ -41,6 +43,7 @@ from .segmenter import Segmenter, SegmenterConfig
 from .sets import SWAP
 from .structure_stats import compare_mask_stats, mask_stats
 from .style_classifier import StyleClassifier, StyleClassifierConfig
+from .texture import texture_figures
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,7 @@ IDEAL = {
     "empty_share_gap": "0", "full_share_gap": "0",
     "nuclei_per_patch_mean": "≈ real", "area_mean_px": "≈ real", "eccentricity_mean": "≈ real",
     "foreground_fraction_mean": "≈ real", "empty_share": "≈ real", "full_share": "≈ real",
+    "fine_detail": "≈ real", "background_std": "≈ real", "nucleus_contrast": "≈ real",
     "image_mask_dice": "1 (ceiling: real held-out)",
     "swap_consistency": "≈ the real tiles' image_mask_dice",
 }
@@ -219,6 +223,13 @@ def evaluate_sets(
         rows.append(dict(label=label, set=set_name, feature_space=space, metric=metric, value=float(value),
                          n_real=n_real, n_gen=n_gen, ideal="reference" if set_name == REAL else ideal_of(metric)))
 
+    def add_texture(label: str, set_name: str, pairs: Sequence[Pair], n_real: int) -> None:
+        t = texture_figures(pairs)
+        add(label, set_name, "texture", "fine_detail", t.fine_detail, n_real, t.tiles)
+        add(label, set_name, "texture", "background_std", t.background_std, n_real, t.tiles)
+        if t.contrast_tiles:
+            add(label, set_name, "texture", "nucleus_contrast", t.contrast, n_real, t.contrast_tiles)
+
     def stats_masks(pairs: Sequence[Pair]) -> list[np.ndarray]:
         """Masks as structure statistics count nuclei: class maps of a multi-class run as instances."""
         if cfg.classes == 2:
@@ -243,6 +254,7 @@ def evaluate_sets(
                 add(label, REAL, lpips.name, "lpips", value, nr, nr)
             for metric, value in r_stats.summary().items():
                 add(label, REAL, "masks", metric, value, nr, nr)
+            add_texture(label, REAL, r_pairs, nr)
             task.advance(1)
 
             for set_name, sets in gen_n.items():
@@ -273,6 +285,7 @@ def evaluate_sets(
                 g_stats = mask_stats(stats_masks(g_pairs), cfg.min_area, cfg.full_threshold)
                 for metric, value in {**compare_mask_stats(r_stats, g_stats), **g_stats.summary()}.items():
                     add(label, set_name, "masks", metric, value, nr, ng)
+                add_texture(label, set_name, g_pairs, nr)
                 if segmenter is not None:
                     dices = segmenter.dice_against(g_pairs)
                     dice = float(np.mean(dices))
