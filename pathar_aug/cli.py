@@ -160,8 +160,9 @@ def train(
     preset: Preset = typer.Option(Preset.cpu, help="tiny: tests; cpu: a 2-core machine; paper: the paper's setting (GPU)."),
     out: Path = typer.Option(Path("runs/pathar"), help="Run folder: config, checkpoints, loss logs, previews."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ..."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out where it stopped (with --prior-steps: train its prior longer)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out where it stopped (with a larger --prior-steps or --adversarial-steps: train that stage longer)."),
     tokenizer_steps: Optional[int] = typer.Option(None, help="Override the preset's tokenizer training steps."),
+    adversarial_steps: Optional[int] = typer.Option(None, help="After the tokenizer's steps, train its image decoder this many steps more on L1 plus a PatchGAN loss (a discriminator trained alongside from scratch): sharper tiles with real-looking texture instead of the L1 decoder's smooth ones. Tokens do not change, so a finished run gains it with --resume --adversarial-steps N without retraining its prior. 0 (the presets): the paper's L1 decoder. README, 'Texture'."),
     prior_steps: Optional[int] = typer.Option(None, help="Override the preset's prior training steps."),
     batch_size: Optional[int] = typer.Option(None, help="Override both stages' batch size."),
     val_fraction: float = typer.Option(0.1, help="Share of source images per label held out (never trained on)."),
@@ -205,12 +206,13 @@ def train(
         settings = None
     else:
         settings = make_settings(images, masks, labels, preset.value,
-                                 {"steps": tokenizer_steps, "batch_size": batch_size},
+                                 {"steps": tokenizer_steps, "batch_size": batch_size,
+                                  "adversarial_steps": adversarial_steps},
                                  {"steps": prior_steps, "batch_size": batch_size}, val_fraction, seed,
                                  dataset=dataset_dir, init=init, init_tokenizer=init_tokenizer.value,
                                  classes=classes, mask_mode=mask_mode.value)
-    given = _typed_options(ctx, ("images", "masks", "labels", "preset", "tokenizer_steps", "prior_steps", "batch_size",
-                            "val_fraction", "seed", "dataset", "init", "init_tokenizer", "classes",
+    given = _typed_options(ctx, ("images", "masks", "labels", "preset", "tokenizer_steps", "adversarial_steps",
+                            "prior_steps", "batch_size", "val_fraction", "seed", "dataset", "init", "init_tokenizer", "classes",
                             "mask_mode")) if resume else None
     if given and "dataset" in given:
         given["dataset"] = str(dataset_dir)

@@ -78,7 +78,7 @@ def load_generator(run_dir: str | Path, device: torch.device) -> Generator:
     settings = info.settings
     prior_config = run_dir / "prior" / "prior_config.json"
     prior_total = json.loads(prior_config.read_text())["total_steps"] if prior_config.exists() else None
-    for path, steps, stage in ((TOKENIZER_CKPT, settings.tokenizer.steps, "tokenizer"),
+    for path, steps, stage in ((TOKENIZER_CKPT, settings.tokenizer.total_steps, "tokenizer"),
                                (PRIOR_CKPT, prior_total, "prior")):
         if not (run_dir / path).exists() or steps is None or not checkpoint_done(run_dir / path, steps):
             raise RunError(f"{run_dir} is incomplete: the {stage} stage did not finish (no complete {path}); "

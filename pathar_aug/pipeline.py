@@ -183,6 +183,7 @@ def _stored_settings(path: Path) -> RunSettings:
 _RESUME_OPTIONS = {
     "images": lambda s: s.images, "masks": lambda s: s.masks, "labels": lambda s: s.labels_csv,
     "preset": lambda s: s.preset, "tokenizer_steps": lambda s: s.tokenizer.steps,
+    "adversarial_steps": lambda s: s.tokenizer.adversarial_steps,
     "batch_size": lambda s: s.tokenizer.batch_size if s.tokenizer.batch_size == s.prior.batch_size else None,
     "val_fraction": lambda s: s.val_fraction, "seed": lambda s: s.seed, "prior_steps": lambda s: s.prior.steps,
     "dataset": lambda s: s.dataset, "init": lambda s: s.init, "init_tokenizer": lambda s: s.init_tokenizer,
@@ -237,9 +238,14 @@ def apply_resume_options(run_dir: Path, stored: RunSettings, given: dict[str, An
             log(f"resume: the prior trains on to {value} steps (was {current})")
             stored = dataclasses.replace(stored, prior=dataclasses.replace(stored.prior, steps=value))
             continue
+        if option == "adversarial_steps" and isinstance(value, int) and value > current:
+            log(f"resume: the image decoder trains on adversarially to {value} steps (was {current}); "
+                "its tokens, and so the prior, stay as they are")
+            stored = dataclasses.replace(stored, tokenizer=dataclasses.replace(stored.tokenizer, adversarial_steps=value))
+            continue
         if option == "prior_steps" and stored.prior.epochs is not None:
             why = f"this run's prior trains for {stored.prior.epochs} epochs, so {flag} does not apply"
-        elif option == "prior_steps":
+        elif option in ("prior_steps", "adversarial_steps"):
             why = f"{flag} can only grow on --resume (the run has {current})"
         else:
             why = f"the run has {current!r}; a resumed run keeps its settings (leave {flag} out)"
@@ -384,11 +390,13 @@ def train_sampling_stage(run_dir: str | Path, device: torch.device, settings: Ru
     run_dir = Path(run_dir)
     path = run_dir / SAMPLING_FILE
     prior_step = int(load_checkpoint(run_dir / PRIOR_CKPT)["step"])
+    tokenizer_step = int(load_checkpoint(run_dir / TOKENIZER_CKPT)["step"])
+    settings = settings or RunInfo.load(run_dir).settings
     if path.is_file():
         chosen = json.loads(path.read_text())
-        if chosen.get("prior_step") == prior_step and chosen.get("rule") == SAMPLING_RULE:
-            return path  # chosen for this prior by this rule
-    settings = settings or RunInfo.load(run_dir).settings
+        if (chosen.get("prior_step") == prior_step and chosen.get("rule") == SAMPLING_RULE
+                and (chosen.get("tokenizer_step") or settings.tokenizer.steps) == tokenizer_step):
+            return path  # chosen for this prior and image decoder by this rule
     from pathar_aug.generator import load_generator  # it imports this module
 
     generator = load_generator(run_dir, device)
@@ -403,7 +411,7 @@ def train_sampling_stage(run_dir: str | Path, device: torch.device, settings: Ru
 
     choice = choose_sampling(pairs, generator.label_names, real, SAMPLES_PER_LABEL.get(settings.preset, 32),
                              seed=settings.seed, select=select)
-    choice.prior_step = prior_step
+    choice.prior_step, choice.tokenizer_step = prior_step, tokenizer_step
     save_json(choice.to_json(), path)
     records = {label: next(m for m in choice.measured if m["setting"] == own) for label, own in choice.per_label.items()}
     reporter_for(reporter).log("  chosen per label: " + "; ".join(

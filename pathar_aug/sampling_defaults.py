@@ -62,6 +62,9 @@ class SamplingChoice:
     measured: list[dict]  # {"setting", "empty_share", "kept", "kept_empty_share"}: {label: value}
     samples_per_label: int
     prior_step: int | None = None  # the prior it was chosen for: a prior trained on chooses again
+    # the tokenizer it was chosen with (its image decoder trained on adversarially decides anew);
+    # None in files written before: the tokenizer's own steps
+    tokenizer_step: int | None = None
     per_label: dict[str, dict] = dataclasses.field(default_factory=dict)  # label -> its own setting
     rule: str = SAMPLING_RULE
 

@@ -49,6 +49,14 @@ class TokenizerConfig:
     # follow S").
     appearance_partner: float = 0.0
     num_classes: int = 2  # mask classes incl. background; 2 = binary (the paper), K > 2 see module doc
+    # Texture (a deviation from the paper, see README and adversarial_decoder.py): after ``steps``,
+    # this many steps train the image decoder alone on L1 + a PatchGAN loss (weighted adaptively,
+    # times ``adversarial_weight``); the tokens stay what they were. 0: the paper's L1 decoder.
+    adversarial_steps: int = 0
+    adversarial_batch_size: int = 16  # its own: a GAN step costs ~3 tokenizer steps, and 16 is VQGAN's scale
+    adversarial_weight: float = 0.5
+    adversarial_lr: float = 1e-4
+    discriminator_width: int = 32
     # optimisation (paper: AdamW beta (0.9, 0.95), weight decay 0.05, lr 1e-4)
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.95)
@@ -72,6 +80,9 @@ class TokenizerConfig:
                 raise ValueError(f"{name} is a probability, got {getattr(self, name)}")
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or not 2 <= self.num_classes <= 255:
             raise ValueError(f"num_classes is a whole number from 2 to 255, got {self.num_classes!r}")
+        if isinstance(self.adversarial_steps, bool) or not isinstance(self.adversarial_steps, int) \
+                or self.adversarial_steps < 0:
+            raise ValueError(f"adversarial_steps is a whole number >= 0, got {self.adversarial_steps!r}")
         if self.patch_size % self.downsample:
             raise ValueError(f"patch_size {self.patch_size} is not a multiple of downsample {self.downsample}")
 
@@ -80,6 +91,12 @@ class TokenizerConfig:
         """Channels of the structure encoder's input and the mask decoder's output: 1 for binary
         masks, one per class otherwise."""
         return 1 if self.num_classes == 2 else self.num_classes
+
+    @property
+    def total_steps(self) -> int:
+        """The step count of a finished tokenizer checkpoint: its own steps, then the decoder's
+        adversarial ones."""
+        return self.steps + self.adversarial_steps
 
     @property
     def grid(self) -> tuple[int, int]:

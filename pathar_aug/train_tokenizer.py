@@ -9,15 +9,21 @@ from pathlib import Path
 import torch
 
 from pathar_aug import distributed
+from pathar_aug.adversarial_decoder import LOSS_TERMS as GAN_TERMS
+from pathar_aug.adversarial_decoder import AdversarialDecoderTrainer
 from pathar_aug.config import from_dict, to_dict
 from pathar_aug.device import autocast, compile_modules, to_device
 from pathar_aug.patches import PatchSet, dihedral, random_dihedral
 from pathar_aug.preview import save_grid, to_rgb_tiles
 from pathar_aug.quantizer import codebook_usage
-from pathar_aug.tokenizer import DualVQTokenizer, TokenizerConfig
 from pathar_aug.reporter import Reporter, reporter_for
+from pathar_aug.tokenizer import DualVQTokenizer, TokenizerConfig
 from pathar_aug.training import (
-    LossCSV, label_balanced_weights, load_checkpoint, make_adamw, save_checkpoint,
+    LossCSV,
+    label_balanced_weights,
+    load_checkpoint,
+    make_adamw,
+    save_checkpoint,
 )
 
 CHECKPOINT = "tokenizer.pt"
@@ -79,15 +85,21 @@ def train_tokenizer(
     torch.manual_seed(seed)
     model = DualVQTokenizer(cfg).to(device)
     opt = make_adamw(model, cfg.lr, cfg.betas, cfg.weight_decay)
-    step, elapsed, fit = 0, 0.0, None
+    step, elapsed, fit, adversarial_state, optimiser_kept = 0, 0.0, None, None, True
     if ckpt_path.exists():
         if not resume:
             raise FileExistsError(f"{ckpt_path} exists; resume it or choose another output folder")
         state = load_checkpoint(ckpt_path, device)
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
         step = state["step"]
+        optimiser_kept = "optimizer" in state
+        if optimiser_kept:
+            opt.load_state_dict(state["optimizer"])
+        elif step < cfg.steps:  # a weights-only checkpoint (shipped, or slimmed after training)
+            raise ValueError(f"{ckpt_path} holds weights only, no optimiser state: its {cfg.steps - step} "
+                             "remaining tokenizer steps cannot be resumed; start a new run (--init can start from it)")
         elapsed = float(state.get("elapsed_s", 0.0))
+        adversarial_state = state.get("adversarial")
     elif init_from is not None:  # a new run started from another's weights: fine-tuned, or frozen as they are
         from pathar_aug.init_from import load_tokenizer_weights, tokenizer_fit
 
@@ -114,26 +126,48 @@ def train_tokenizer(
                   [*LOSS_TERMS, "usage_structure", "usage_appearance", "lr", "minutes"], step) if main else None
     started = time.monotonic() - elapsed  # training time across resumed invocations
 
+    adversarial = None  # the decoder's adversarial stage, once it begins
+
     def checkpoint() -> None:
         if not main:
             return
-        save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(), step=step,
-                        config=to_dict(cfg), label_names=patches.label_names, elapsed_s=time.monotonic() - started)
+        extra = {"adversarial": adversarial.state_dict()} if adversarial is not None else {}
+        if optimiser_kept:  # a weights-only checkpoint stays one: its own steps are done
+            extra["optimizer"] = opt.state_dict()
+        save_checkpoint(ckpt_path, model=model.state_dict(), step=step,
+                        config=to_dict(cfg), label_names=patches.label_names, elapsed_s=time.monotonic() - started,
+                        **extra)
 
     gen = torch.Generator().manual_seed(seed + step)
     weights = label_balanced_weights(patches.labels)
+
+    def batch(size: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's ``rows`` of a label-balanced global batch of ``size``, each patch in a random
+        dihedral view."""
+        idx = torch.multinomial(weights, size, replacement=True, generator=gen)
+        images, masks = random_dihedral(patches.images[idx], patches.masks[idx], gen)
+        return to_device(images[rows], device), to_device(masks[rows], device), patches.labels[idx][rows]
+
+    def step_done(task, last: int, completed: int) -> None:
+        """A step's end in either stage: preview and checkpoint when due (``last``: the stage's
+        final step), progress."""
+        if main and (step % cfg.preview_every == 0 or step == last):
+            save_preview(model, patches, out_dir / "tokenizer_preview.png", device)
+        if step % cfg.ckpt_every == 0 or step == last:
+            checkpoint()
+        task.update(completed=completed)
+
     model.train()
     window_s, window_a = [], []
-    with reporter_for(reporter, progress=show_progress).task("tokenizer", total=cfg.steps, completed=step) as task:
+    with reporter_for(reporter, progress=show_progress).task("tokenizer", total=cfg.steps,
+                                                            completed=min(step, cfg.steps)) as task:
         while step < cfg.steps:
-            idx = torch.multinomial(weights, cfg.batch_size, replacement=True, generator=gen)
-            images, masks = random_dihedral(patches.images[idx], patches.masks[idx], gen)
-            images, masks = images[rows], masks[rows]  # this rank's block of the global batch
+            images, masks, labels = batch(cfg.batch_size, rows)
             lr = lr_at(step, cfg.steps, cfg.lr)
             for group in opt.param_groups:
                 group["lr"] = lr
             with autocast(device):
-                out = trainer(to_device(images, device), to_device(masks, device), patches.labels[idx][rows])
+                out = trainer(images, masks, labels)
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -153,11 +187,28 @@ def train_tokenizer(
                                    "minutes": (time.monotonic() - started) / 60})
                 task.update(info=f"loss {values['loss']:.3f} rec {values['rec']:.3f} seg {values['seg']:.3f} "
                                       f"usage S {usage_s:.0%} A {usage_a:.0%}")
-            if main and (step % cfg.preview_every == 0 or step == cfg.steps):
-                save_preview(model, patches, out_dir / "tokenizer_preview.png", device)
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                checkpoint()
-            task.update(completed=step)
+            step_done(task, cfg.steps, step)
+    if step < cfg.total_steps:
+        adversarial = AdversarialDecoderTrainer(model, cfg, device)
+        gan_rows = distributed.rank_block(cfg.adversarial_batch_size)
+        if adversarial_state is not None:
+            adversarial.load_state_dict(adversarial_state)
+        gan_log = LossCSV(out_dir / "tokenizer_adversarial_loss.csv", [*GAN_TERMS, "minutes"],
+                          step) if main else None
+        with reporter_for(reporter, progress=show_progress).task(
+                "image decoder, adversarial", total=cfg.adversarial_steps, completed=step - cfg.steps) as task:
+            while step < cfg.total_steps:
+                images, masks, labels = batch(cfg.adversarial_batch_size, gan_rows)
+                terms = adversarial.step(images, masks, labels, lambda: autocast(device))
+                step += 1
+                if step % cfg.log_every == 0 or step == cfg.total_steps:
+                    values = dict(zip(GAN_TERMS, distributed.all_mean(torch.stack(
+                        [terms[k].float() for k in GAN_TERMS])).tolist()))
+                    if gan_log is not None:
+                        gan_log.log(step, {**values, "minutes": (time.monotonic() - started) / 60})
+                    task.update(info=f"rec {values['rec']:.3f} D {values['discriminator']:.2f} "
+                                     f"weight {values['adaptive_weight']:.2f}")
+                step_done(task, cfg.total_steps, step - cfg.steps)
     if not ckpt_path.exists():  # resumed a finished run with nothing to do
         checkpoint()
     return ckpt_path

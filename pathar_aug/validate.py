@@ -63,6 +63,8 @@ def check_run_settings(settings: "RunSettings") -> None:
     """Training settings that would fail mid-run, or silently train nothing."""
     tok, prior = settings.tokenizer, settings.prior
     check_int("--tokenizer-steps", tok.steps)
+    check_int("--adversarial-steps", tok.adversarial_steps, 0)
+    check_int("adversarial batch size", tok.adversarial_batch_size)
     check_int("--batch-size (tokenizer)", tok.batch_size)
     check_int("--batch-size (prior)", prior.batch_size)
     if prior.epochs is None:

@@ -1,7 +1,10 @@
 """Trains the tiny tokenizer and prior a few steps, for tests/test_distributed.py.
 
-    python tests/ddp_worker.py OUT STEPS [--resume]             one process
-    torchrun --nproc_per_node 2 tests/ddp_worker.py OUT STEPS   DistributedDataParallel (gloo, CPU)
+    python tests/ddp_worker.py OUT STEPS [--resume] [--adversarial N]   one process
+    torchrun --nproc_per_node 2 tests/ddp_worker.py OUT STEPS          DistributedDataParallel (gloo, CPU)
+
+With ``--adversarial N`` the tokenizer's image decoder trains N adversarial steps after its own
+(``adversarial_decoder``) and the prior is left out.
 
 The data are the same fixed random patches and token cache every time. Label dropout is off: it
 draws from per-rank seeds, so with it the distributed run is not the single-process run number for
@@ -49,12 +52,17 @@ def token_cache(path: Path, n: int = 48, grid: int = 4, codes: int = 32) -> Path
 
 def main() -> None:
     out, steps, resume = Path(sys.argv[1]), int(sys.argv[2]), "--resume" in sys.argv
+    adversarial = int(sys.argv[sys.argv.index("--adversarial") + 1]) if "--adversarial" in sys.argv else 0
     torch.set_num_threads(1)
     device = distributed.init(torch.device("cpu"))
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = override(TOKENIZER_PRESETS["tiny"], steps=steps, log_every=1, ckpt_every=1000,
-                         preview_every=1000, dead_code_steps=2, structure_codes=512, appearance_codes=512)
+                         preview_every=1000, dead_code_steps=2, structure_codes=512, appearance_codes=512,
+                         adversarial_steps=adversarial)
     train_tokenizer(patches(), out / "tokenizer", tokenizer, device, resume=resume, show_progress=False, seed=3)
+    if adversarial:
+        distributed.shutdown()
+        return
     if distributed.is_main() and not (out / "tokens.pt").exists():
         token_cache(out / "tokens.pt")
     distributed.barrier()
