@@ -157,9 +157,15 @@ def train_prior(
 
     step, elapsed = 0, 0.0
     best: dict[str, Any] | None = None  # {"step", "heldout_nll", "model"} of the curve's lowest point
+    total = total_steps(cfg, len(y))
     if resume and ckpt_path.exists():
         saved = load_checkpoint(ckpt_path, map_location=device)
         _check_resumable(saved, cfg, vocab)
+        if int(saved["step"]) >= total and (heldout is None or (out_dir / HELDOUT_NAME).is_file()):
+            return ckpt_path  # finished, its held-out figure written: nothing to train or rewrite
+        if "optimizer" not in saved:  # a weights-only checkpoint (shipped, or slimmed after training)
+            raise ValueError(f"{ckpt_path} holds weights only, no optimiser state: its remaining prior steps "
+                             "cannot be resumed; start a new run (--init can start from it)")
         prior.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         batch_rng.set_state(saved["batch_rng"].cpu())
@@ -179,7 +185,6 @@ def train_prior(
     trainer = distributed.wrap(_Loss(prior), device)
     reporter, progress = distributed.reporter_of(reporter, progress)
 
-    total = total_steps(cfg, len(y))
     if main:
         save_json(to_dict(cfg) | {"total_steps": total, **vocab}, out_dir / "prior_config.json")
     log = LossCSV(out_dir / LOSS_CSV_NAME, ["structure_nll", "appearance_nll", "lr"], resume_step=step) if main else None

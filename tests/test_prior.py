@@ -370,3 +370,20 @@ def test_prior_keeps_the_weights_of_the_lowest_heldout_point(tmp_path):
     train_prior(tokens, tmp_path / "last", tiny_cfg(steps=20, eval_every=5, eval_sequences=8, keep_best=False),
                 "cpu", heldout_tokens_path=heldout, progress=False)
     assert "best" not in torch.load(tmp_path / "last" / "prior.pt", weights_only=False)
+
+
+def test_a_finished_weights_only_checkpoint_is_left_alone_and_an_unfinished_one_refused(tmp_path):
+    """Runs trained elsewhere are often kept as weights only (no optimiser or random states)."""
+    from pathar_aug.training import save_checkpoint
+
+    tokens = tmp_path / "tokens.pt"
+    write_cache(tokens)
+    ckpt = train_prior(tokens, tmp_path / "r", tiny_cfg(steps=4), "cpu", progress=False)
+    slim = {k: v for k, v in torch.load(ckpt, weights_only=False).items()
+            if k not in ("optimizer", "batch_rng", "torch_rng")}
+    save_checkpoint(ckpt, **slim)
+    before = ckpt.read_bytes()
+    train_prior(tokens, tmp_path / "r", tiny_cfg(steps=4), "cpu", resume=True, progress=False)
+    assert ckpt.read_bytes() == before  # finished: nothing trained, nothing rewritten
+    with pytest.raises(ValueError, match="weights only"):
+        train_prior(tokens, tmp_path / "r", tiny_cfg(steps=6), "cpu", resume=True, progress=False)
