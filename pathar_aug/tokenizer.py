@@ -53,7 +53,8 @@ class TokenizerConfig:
     # this many steps train the image decoder alone on L1 + a PatchGAN loss (weighted adaptively,
     # times ``adversarial_weight``); the tokens stay what they were. 0: the paper's L1 decoder.
     adversarial_steps: int = 0
-    adversarial_batch_size: int = 16  # its own: a GAN step costs ~3 tokenizer steps, and 16 is VQGAN's scale
+    # its own batch: a GPU run's tokenizer batch of 64 makes each adversarial step ~10 s on a CPU core
+    adversarial_batch_size: int = 16
     adversarial_weight: float = 0.5
     adversarial_lr: float = 1e-4
     discriminator_width: int = 32
