@@ -31,6 +31,7 @@ from PIL import Image
 
 from benchmarks.common import RESULTS
 from benchmarks.generation_quality import EVALUATORS
+from benchmarks.study_folder import study_dataset, training_sets
 from pathar_aug.evaluation.segmenter import Segmenter
 from pathar_aug.evaluation.texture import texture_figures
 
@@ -63,12 +64,7 @@ def main() -> None:
     ap.add_argument("--reference", type=Path, help="the study this one took folds from (its --reference)")
     ap.add_argument("--name", required=True, help="report name in benchmarks/results/")
     args = ap.parse_args()
-    plan = json.loads((args.out / "plan.json").read_text())
-    datasets = sorted((args.out / "nnUNet_raw").glob("Dataset*"))
-    if len(datasets) != 1:
-        raise SystemExit(f"expected one nnU-Net dataset in {args.out / 'nnUNet_raw'}, found {len(datasets)}")
-    dataset = datasets[0]
-    ending = json.loads((dataset / "dataset.json").read_text())["file_ending"]
+    plan, dataset, ending = study_dataset(args.out)
     networks = sorted(EVALUATORS.glob("segmenter-*.pt"))
     if len(networks) != 1:
         raise SystemExit(f"expected one evaluation segmenter in {EVALUATORS}, found {len(networks)}")
@@ -82,12 +78,8 @@ def main() -> None:
     labels = plan["labels"]
     images: dict = {}
     for label in labels:
-        sets = {"real training tiles": [c for seed in plan["real_train"] for c in seed[label]],
-                "validation tiles": plan["val"][label]}
-        for kind, seeds in plan["synthetic"].items():
-            sets[f"synthetic ({kind})"] = [c for seed in seeds for c in seed[label]]
         images[label] = {}
-        for name, cases in sets.items():
+        for name, cases in training_sets(plan, label).items():
             loaded = pairs(cases)
             images[label][name] = {**texture_figures(loaded).to_json(), **coverage(segmenter, loaded)}
 

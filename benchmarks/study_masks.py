@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from benchmarks.common import RESULTS
+from benchmarks.study_folder import study_dataset, training_sets
 from pathar_aug.evaluation.structure_stats import mask_stats
 
 
@@ -50,14 +51,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="the study's folder (benchmarks.dice_scaling --out)")
     ap.add_argument("--name", required=True, help="report name in benchmarks/results/")
     args = ap.parse_args()
-    plan = json.loads((args.out / "plan.json").read_text())
-    datasets = sorted((args.out / "nnUNet_raw").glob("Dataset*"))
-    if len(datasets) != 1:
-        raise SystemExit(f"expected one nnU-Net dataset in {args.out / 'nnUNet_raw'}, found {len(datasets)}")
-    ending = json.loads((datasets[0] / "dataset.json").read_text())["file_ending"]
+    plan, dataset, ending = study_dataset(args.out)
 
     def masks(cases):
-        return (np.asarray(Image.open(datasets[0] / "labelsTr" / f"{case}{ending}")) for case in sorted(set(cases)))
+        return (np.asarray(Image.open(dataset / "labelsTr" / f"{case}{ending}")) for case in sorted(set(cases)))
 
     settings = json.loads((args.out / "settings.json").read_text())
     pool = tokenizer = None
@@ -70,11 +67,7 @@ def main() -> None:
 
     result: dict = {}
     for label in plan["labels"]:
-        sets = {"real training tiles": [c for seed in plan["real_train"] for c in seed[label]],
-                "validation tiles": plan["val"][label]}
-        for kind, seeds in plan["synthetic"].items():
-            sets[f"synthetic ({kind})"] = [c for seed in seeds for c in seed[label]]
-        result[label] = {name: mask_figures(masks(cases)) for name, cases in sets.items()}
+        result[label] = {name: mask_figures(masks(cases)) for name, cases in training_sets(plan, label).items()}
         if pool is not None:
             rows = (pool.labels == pool.label_names.index(label)).nonzero().flatten()
             result[label]["generator's training tiles"] = mask_figures(pool.masks[i, 0].numpy() for i in rows.tolist())
