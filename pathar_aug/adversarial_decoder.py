@@ -8,7 +8,11 @@ trained with them lost recall on real histology (README, "Why histology loses").
 This stage trains the image decoder on for ``TokenizerConfig.adversarial_steps`` after the
 tokenizer's own steps, with L1 plus a hinge GAN loss from a PatchGAN discriminator trained alongside
 from scratch (Isola et al. 2017), weighted adaptively against L1 at the decoder's last layer (the
-VQGAN recipe, Esser et al. 2021). Only the fusion and the image decoder learn: encoders, codebooks
+VQGAN recipe, Esser et al. 2021). With ``TokenizerConfig.conditional_discriminator`` the
+discriminator sees the tile's mask and label beside the image (a conditional PatchGAN, as pix2pix
+conditions on its input): real and decoded tile share both, so it can only tell them apart by how
+the image draws these nuclei in this modality. Unconditioned, it let histology's colour into
+brightfield tiles and rang around their nuclei (README, "Texture"). Only the fusion and the image decoder learn: encoders, codebooks
 and the mask decoder are frozen, so every token is what it was and the token cache and the prior
 stay valid; a trained run can gain the stage afterwards (``train --resume --adversarial-steps``).
 No pretrained network is involved, so nothing is downloaded.
@@ -38,9 +42,9 @@ class PatchDiscriminator(nn.Module):
     """PatchGAN: a real/fake score per overlapping patch (about 70 px wide with three strided
     layers), so it judges texture and edges rather than the layout of a whole tile."""
 
-    def __init__(self, width: int = 32, layers: int = 3):
+    def __init__(self, width: int = 32, layers: int = 3, in_channels: int = 3):
         super().__init__()
-        mods: list[nn.Module] = [nn.Conv2d(3, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        mods: list[nn.Module] = [nn.Conv2d(in_channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
         c = width
         for i in range(1, layers + 1):
             c_next = width * 2 ** min(i, 3)
@@ -52,6 +56,18 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+def discriminator_input(x: torch.Tensor, structure: torch.Tensor | None, labels: torch.Tensor | None,
+                        num_labels: int) -> torch.Tensor:
+    """What the discriminator reads: the image alone, or (``structure`` given) the image, the mask
+    as the structure encoder reads it and the label one-hot, each as channels of every pixel."""
+    if structure is None:
+        return x
+    onehot = torch.zeros(len(x), num_labels, *x.shape[-2:], device=x.device, dtype=x.dtype)
+    if labels is not None:
+        onehot[torch.arange(len(x), device=x.device), labels.to(x.device)] = 1.0
+    return torch.cat([x, structure.to(x.dtype), onehot], dim=1)
 
 
 class ImageHead(nn.Module):
@@ -88,14 +104,15 @@ class AdversarialDecoderTrainer:
     """One object per stage: the frozen tokenizer's codes in, decoder and discriminator steps out.
     ``state_dict`` / ``load_state_dict`` carry the discriminator and both optimisers for --resume."""
 
-    def __init__(self, tokenizer: DualVQTokenizer, cfg: TokenizerConfig, device: torch.device):
-        self.tokenizer, self.cfg = tokenizer, cfg
+    def __init__(self, tokenizer: DualVQTokenizer, cfg: TokenizerConfig, device: torch.device, num_labels: int):
+        self.tokenizer, self.cfg, self.num_labels = tokenizer, cfg, num_labels
         for p in tokenizer.parameters():
             p.requires_grad_(False)
         self.head = ImageHead(tokenizer)
         for p in self.head.parameters():
             p.requires_grad_(True)
-        self.discriminator = PatchDiscriminator(cfg.discriminator_width).to(device)
+        in_channels = 3 + (cfg.mask_channels + num_labels if cfg.conditional_discriminator else 0)
+        self.discriminator = PatchDiscriminator(cfg.discriminator_width, in_channels=in_channels).to(device)
         self.head_opt = torch.optim.Adam(self.head.parameters(), lr=cfg.adversarial_lr, betas=BETAS)
         self.disc_opt = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.adversarial_lr, betas=BETAS)
         self.head_ddp = distributed.wrap(self.head, device)
@@ -106,6 +123,11 @@ class AdversarialDecoderTrainer:
                 "discriminator_optimizer": self.disc_opt.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        stored = state["discriminator"]["net.0.weight"].shape[1]
+        if stored != self.discriminator.net[0].weight.shape[1]:
+            raise ValueError(f"the checkpoint's discriminator reads {stored} input channels, this run's "
+                             f"{self.discriminator.net[0].weight.shape[1]}: it was trained with another "
+                             "conditional_discriminator setting or label count; its adversarial stage cannot go on")
         self.discriminator.load_state_dict(state["discriminator"])
         self.head_opt.load_state_dict(state["decoder_optimizer"])
         self.disc_opt.load_state_dict(state["discriminator_optimizer"])
@@ -130,6 +152,11 @@ class AdversarialDecoderTrainer:
         step on the same batch. Returns the terms of ``LOSS_TERMS`` (detached)."""
         x = images_to_float(images)
         q_s, q_a = self._codes(images, masks, labels)
+        structure = self.tokenizer._structure_input(masks) if self.cfg.conditional_discriminator else None
+
+        def judged(images: torch.Tensor) -> torch.Tensor:
+            return discriminator_input(images, structure, labels, self.num_labels)
+
         self.head.train()
         self.discriminator.train()
         with autocast():
@@ -137,7 +164,7 @@ class AdversarialDecoderTrainer:
             rec = F.l1_loss(x_hat, x)
             # scored by the plain module: the generator step must not sync the discriminator's
             # gradients (they are zeroed before its own step)
-            generator = -self.discriminator(x_hat).float().mean()
+            generator = -self.discriminator(judged(x_hat)).float().mean()
         weight = adaptive_weight(rec, generator, self.head.last_layer)
         loss = rec + self.cfg.adversarial_weight * weight * generator
         self.head_opt.zero_grad(set_to_none=True)
@@ -147,7 +174,7 @@ class AdversarialDecoderTrainer:
 
         with autocast():
             # one forward for both halves (GroupNorm is per sample): one gradient sync per step
-            real_scores, fake_scores = self.disc_ddp(torch.cat([x, x_hat.detach()])).float().chunk(2)
+            real_scores, fake_scores = self.disc_ddp(torch.cat([judged(x), judged(x_hat.detach())])).float().chunk(2)
             d_loss = discriminator_loss(real_scores, fake_scores)
         self.disc_opt.zero_grad(set_to_none=True)
         d_loss.backward()

@@ -58,6 +58,9 @@ class TokenizerConfig:
     adversarial_weight: float = 0.5
     adversarial_lr: float = 1e-4
     discriminator_width: int = 32
+    # the discriminator also reads the tile's mask and label (conditional PatchGAN): it judges how
+    # the image draws these nuclei in this modality, not whether it looks like any real tile
+    conditional_discriminator: bool = True
     # optimisation (paper: AdamW beta (0.9, 0.95), weight decay 0.05, lr 1e-4)
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.95)

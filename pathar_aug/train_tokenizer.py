@@ -189,7 +189,7 @@ def train_tokenizer(
                                       f"usage S {usage_s:.0%} A {usage_a:.0%}")
             step_done(task, cfg.steps, step)
     if step < cfg.total_steps:
-        adversarial = AdversarialDecoderTrainer(model, cfg, device)
+        adversarial = AdversarialDecoderTrainer(model, cfg, device, len(patches.label_names))
         gan_rows = distributed.rank_block(cfg.adversarial_batch_size)
         if adversarial_state is not None:
             adversarial.load_state_dict(adversarial_state)

@@ -12,8 +12,10 @@ from scipy import ndimage
 from typer.testing import CliRunner
 
 from pathar_aug.adversarial_decoder import (
+    AdversarialDecoderTrainer,
     PatchDiscriminator,
     adaptive_weight,
+    discriminator_input,
     discriminator_loss,
 )
 from pathar_aug.cli import app
@@ -21,7 +23,7 @@ from pathar_aug.evaluation.texture import texture_figures
 from pathar_aug.ingest import load_pairs
 from pathar_aug.patches import make_patches
 from pathar_aug.pipeline import RunError, RunInfo, apply_resume_options, make_settings
-from pathar_aug.tokenizer import TOKENIZER_PRESETS, TokenizerConfig
+from pathar_aug.tokenizer import TOKENIZER_PRESETS, DualVQTokenizer, TokenizerConfig
 from pathar_aug.train_tokenizer import load_tokenizer, train_tokenizer
 from tests.conftest import disc_pair, train_tiny_run, write_pair_folders
 
@@ -52,6 +54,34 @@ def test_adaptive_weight_balances_the_gradients_at_the_last_layer():
 def test_discriminator_scores_patches():
     scores = PatchDiscriminator(width=8)(torch.zeros(2, 3, 64, 64))
     assert scores.shape[:2] == (2, 1) and scores.shape[-1] > 1  # a score per patch, not per tile
+
+
+def test_conditional_discriminator_reads_image_mask_and_label():
+    x = torch.rand(3, 3, 8, 8)
+    masks = (torch.rand(3, 1, 8, 8) > 0.5).float()
+    labels = torch.tensor([2, 0, 2])
+    seen = discriminator_input(x, masks, labels, num_labels=4)
+    assert seen.shape == (3, 3 + 1 + 4, 8, 8)
+    assert torch.equal(seen[:, :3], x) and torch.equal(seen[:, 3:4], masks)
+    onehot = seen[:, 4:]
+    assert torch.equal(onehot.amax(dim=(2, 3)), torch.eye(4)[labels])  # every pixel carries the label
+    assert torch.equal(onehot.amin(dim=(2, 3)), torch.eye(4)[labels])
+    assert discriminator_input(x, None, labels, num_labels=4) is x  # unconditioned: the image alone
+
+
+def test_a_discriminator_of_the_other_conditioning_is_refused_on_resume():
+    cfg = dataclasses.replace(TOKENIZER_PRESETS["tiny"], adversarial_steps=2)
+    plain_cfg = dataclasses.replace(cfg, conditional_discriminator=False)
+    tok = DualVQTokenizer(cfg)
+    conditional = AdversarialDecoderTrainer(tok, cfg, torch.device("cpu"), num_labels=3)
+    assert conditional.discriminator.net[0].in_channels == 3 + 1 + 3
+    plain = AdversarialDecoderTrainer(tok, plain_cfg, torch.device("cpu"), num_labels=3)
+    assert plain.discriminator.net[0].in_channels == 3
+    with pytest.raises(ValueError, match="conditional_discriminator"):
+        plain.load_state_dict(conditional.state_dict())
+    with pytest.raises(ValueError, match="label count"):
+        AdversarialDecoderTrainer(tok, cfg, torch.device("cpu"), num_labels=2).load_state_dict(
+            conditional.state_dict())
 
 
 def test_config_refuses_negative_adversarial_steps():
