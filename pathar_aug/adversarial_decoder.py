@@ -11,8 +11,8 @@ from scratch (Isola et al. 2017), weighted adaptively against L1 at the decoder'
 VQGAN recipe, Esser et al. 2021). With ``TokenizerConfig.conditional_discriminator`` the
 discriminator sees the tile's mask and label beside the image (a conditional PatchGAN, as pix2pix
 conditions on its input): real and decoded tile share both, so it can only tell them apart by how
-the image draws these nuclei in this modality. Unconditioned, it let histology's colour into
-brightfield tiles and rang around their nuclei (README, "Texture"). Only the fusion and the image decoder learn: encoders, codebooks
+the image draws these nuclei in this modality. Off by default: on DSB2018 it did not cure what it
+was meant to (brightfield's ringing and tint, README "Texture"). Only the fusion and the image decoder learn: encoders, codebooks
 and the mask decoder are frozen, so every token is what it was and the token cache and the prior
 stay valid; a trained run can gain the stage afterwards (``train --resume --adversarial-steps``).
 No pretrained network is involved, so nothing is downloaded.

@@ -58,9 +58,10 @@ class TokenizerConfig:
     adversarial_weight: float = 0.5
     adversarial_lr: float = 1e-4
     discriminator_width: int = 32
-    # the discriminator also reads the tile's mask and label (conditional PatchGAN): it judges how
-    # the image draws these nuclei in this modality, not whether it looks like any real tile
-    conditional_discriminator: bool = True
+    # the discriminator also reads the tile's mask and label (conditional PatchGAN). Off: on DSB2018
+    # it neither stopped brightfield's ringing nor kept its grey, and histology gained less detail
+    # (README, "Texture"; decoder_texture_gpu_partner_cadv)
+    conditional_discriminator: bool = False
     # optimisation (paper: AdamW beta (0.9, 0.95), weight decay 0.05, lr 1e-4)
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.95)

@@ -70,7 +70,7 @@ def test_conditional_discriminator_reads_image_mask_and_label():
 
 
 def test_a_discriminator_of_the_other_conditioning_is_refused_on_resume():
-    cfg = dataclasses.replace(TOKENIZER_PRESETS["tiny"], adversarial_steps=2)
+    cfg = dataclasses.replace(TOKENIZER_PRESETS["tiny"], adversarial_steps=2, conditional_discriminator=True)
     plain_cfg = dataclasses.replace(cfg, conditional_discriminator=False)
     tok = DualVQTokenizer(cfg)
     conditional = AdversarialDecoderTrainer(tok, cfg, torch.device("cpu"), num_labels=3)
@@ -98,11 +98,14 @@ def test_stage_trains_the_image_decoder_alone_and_keeps_every_token(tmp_path, on
                               appearance_shuffle=0.5)
     device = torch.device("cpu")
     plain = load_tokenizer(train_tokenizer(patches, tmp_path / "run", cfg, device, show_progress=False))
-    grown = dataclasses.replace(cfg, adversarial_steps=6)
+    # conditional here (the CLI test below trains the default, unconditioned one)
+    grown = dataclasses.replace(cfg, adversarial_steps=6, conditional_discriminator=True)
     ckpt = train_tokenizer(patches, tmp_path / "run", grown, device, resume=True, show_progress=False)
     state = torch.load(ckpt, weights_only=False)
     assert state["step"] == 26 and set(state["adversarial"]) == {
         "discriminator", "decoder_optimizer", "discriminator_optimizer"}
+    # image, binary mask and label one-hot
+    assert state["adversarial"]["discriminator"]["net.0.weight"].shape[1] == 3 + 1 + len(patches.label_names)
     sharp = load_tokenizer(ckpt)
     before, after = plain.state_dict(), sharp.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
