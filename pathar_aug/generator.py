@@ -13,7 +13,15 @@ from pathar_aug.ingest import MASK_SUFFIXES, IngestError, find_files, read_mask
 from pathar_aug.mask_classes import BINARY, MaskClasses, as_classes
 from pathar_aug.patches import tile_starts
 from pathar_aug.pipeline import (
-    PRIOR_CKPT, RUN_FILE, RUN_PENDING, TOKENIZER_CKPT, RunError, RunInfo, checkpoint_done,
+    PATCHES_FILE,
+    PRIOR_CKPT,
+    RUN_FILE,
+    RUN_PENDING,
+    TOKENIZER_CKPT,
+    RunError,
+    RunInfo,
+    checkpoint_done,
+    load_patches,
 )
 from pathar_aug.preview import save_grid, to_rgb_tiles
 from pathar_aug.prior import InterleavedPrior
@@ -34,6 +42,9 @@ class Generator:
     run_dir: Path
     classes: MaskClasses = BINARY
     mask_mode: str = "classes"
+    # label indices whose every training image was gray: their images are made gray after decoding
+    # (the decoder is shared by all labels and may tint them, the adversarial one visibly)
+    gray_labels: frozenset[int] = frozenset()
 
     @property
     def patch_size(self) -> int:
@@ -56,7 +67,15 @@ class Generator:
                 img, msk = self.tokenizer.decode(s[start:start + 64].to(device), a[start:start + 64].to(device))
             images.append(img.cpu())
             masks.append(msk.cpu())
-        return torch.cat(images), torch.cat(masks)
+        return self._grayed(torch.cat(images), labels), torch.cat(masks)
+
+    def _grayed(self, images: torch.Tensor, labels: list[int]) -> torch.Tensor:
+        """The images of gray labels as the mean of their channels, on every channel."""
+        rows = torch.tensor([label in self.gray_labels for label in labels])
+        if rows.any():
+            gray = images[rows].float().mean(dim=1, keepdim=True).round().to(images.dtype)
+            images[rows] = gray.expand(-1, images.shape[1], -1, -1)
+        return images
 
     @torch.no_grad()
     def render_masks(self, masks: torch.Tensor, label: int, sampling: SamplingConfig, device: torch.device,
@@ -85,7 +104,28 @@ def load_generator(run_dir: str | Path, device: torch.device) -> Generator:
                            f"finish it with `pathar-aug train --out {run_dir} --resume`")
     tokenizer = load_tokenizer(run_dir / TOKENIZER_CKPT, device)
     prior = load_prior(run_dir / PRIOR_CKPT, device).eval()
-    return Generator(tokenizer, prior, info.label_names, run_dir, info.mask_classes, info.settings.mask_mode)
+    gray = info.gray_labels
+    if gray is None:  # a run of an older version: from its training patches, where it kept them
+        gray = _gray_labels_of_patches(run_dir)
+    return Generator(tokenizer, prior, info.label_names, run_dir, info.mask_classes, info.settings.mask_mode,
+                     frozenset(info.label_names.index(name) for name in gray))
+
+
+def _gray_labels_of_patches(run_dir: Path) -> list[str]:
+    """The gray labels (``ingest.gray_labels``) of a run's training and held-out patches; none
+    where the run folder no longer holds them."""
+    if not (run_dir / PATCHES_FILE).exists():
+        return []
+    colour = set()
+    names = None
+    for part in load_patches(run_dir):
+        if part is None:
+            continue
+        names = part.label_names
+        flat = part.images.flatten(2)
+        not_gray = ((flat[:, 0] != flat[:, 1]) | (flat[:, 0] != flat[:, 2])).any(dim=1)
+        colour |= set(part.labels[not_gray].tolist())
+    return [] if names is None else [n for i, n in enumerate(names) if i not in colour]
 
 
 def save_sample_preview(generator: Generator, path: Path, device: torch.device, per_label: int = 6,

@@ -464,9 +464,18 @@ def load_dataset_pairs(dataset_dir: str | Path, default_label: str = DEFAULT_LAB
     return samples
 
 
+def is_gray(image: np.ndarray) -> bool:
+    """R = G = B at every pixel of an H x W x 3 image."""
+    return np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 0], image[..., 2])
+
+
 def image_channels(samples: list[Sample]) -> int:
     """What the samples' images hold: 1 (gray: R = G = B everywhere), 2 (B empty) or 3 (RGB)."""
-    if all(np.array_equal(s.image[..., 0], s.image[..., 1]) and np.array_equal(s.image[..., 0], s.image[..., 2])
-           for s in samples):
-        return 1
-    return 3
+    return 1 if all(is_gray(s.image) for s in samples) else 3
+
+
+def gray_labels(samples: list[Sample]) -> list[str]:
+    """The labels whose every image is gray (brightfield, fluorescence): their synthetic images are
+    made gray too (``generator.Generator``)."""
+    colour = {s.label for s in samples if not is_gray(s.image)}
+    return sorted({s.label for s in samples} - colour)

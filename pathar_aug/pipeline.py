@@ -27,6 +27,7 @@ from pathar_aug import distributed
 from pathar_aug.config import from_dict, from_preset, save_json, to_dict
 from pathar_aug.ingest import (
     Sample,
+    gray_labels,
     image_channels,
     load_dataset_pairs,
     load_pairs,
@@ -46,6 +47,7 @@ RUN_FILE = "run.json"
 RUN_PENDING = "run_pending.json"  # settings of a run whose data stage has not finished yet
 TOKENIZER_CKPT = Path("tokenizer") / "tokenizer.pt"
 PRIOR_CKPT = Path("prior") / "prior.pt"
+PATCHES_FILE = Path("data") / "patches.pt"
 
 
 class RunError(ValueError):
@@ -69,6 +71,11 @@ class RunSettings:
     init_tokenizer: str = "finetune"
     classes: dict[str, int] | None = None  # mask classes, name -> label id (None: runs of older versions, binary)
     mask_mode: str = "classes"  # "classes": mask values are label ids; "border": instance masks (mask_classes)
+
+    @property
+    def gray_labels(self) -> list[str] | None:
+        """Labels whose every image was gray (runs of older versions: None, not recorded)."""
+        return self.data.get("gray_labels")
 
     @property
     def mask_classes(self) -> MaskClasses:
@@ -114,6 +121,11 @@ class RunInfo:
     def image_channels(self) -> int:
         """What the generator's images hold: 1 gray, 2 channels, 3 RGB (runs of older versions: 3)."""
         return int(self.data.get("image_channels", 3))
+
+    @property
+    def gray_labels(self) -> list[str] | None:
+        """Labels whose every image was gray (runs of older versions: None, not recorded)."""
+        return self.data.get("gray_labels")
 
     @property
     def mask_classes(self) -> MaskClasses:
@@ -300,10 +312,11 @@ def prepare_run(run_dir: Path, settings: RunSettings | None, resume: bool, given
     # an interrupted data stage
     (run_dir / "data").mkdir(parents=True, exist_ok=True)
     save_json({"settings": settings.to_json()}, pending)
-    save_checkpoint(run_dir / "data" / "patches.pt", train=train_patches, heldout=val_patches)  # temp + rename
+    save_checkpoint(run_dir / PATCHES_FILE, train=train_patches, heldout=val_patches)  # temp + rename
     summary = {"label_names": label_names, "train_images": len(train), "heldout_images": len(val),
                "train_patches": len(train_patches), "heldout_patches": len(val_patches) if val_patches else 0,
                "heldout_sources": sorted({s.name for s in val}), "image_channels": _data_channels(settings, samples),
+               "gray_labels": gray_labels(samples),
                "mask_classes": settings.mask_classes.mapping(), "mask_mode": settings.mask_mode}
     if settings.dataset is not None:
         from nnunet_integration.cases import read_dataset_json
@@ -315,7 +328,7 @@ def prepare_run(run_dir: Path, settings: RunSettings | None, resume: bool, given
 
 
 def load_patches(run_dir: Path) -> tuple[PatchSet, PatchSet | None]:
-    data = torch.load(run_dir / "data" / "patches.pt", weights_only=False)
+    data = torch.load(run_dir / PATCHES_FILE, weights_only=False)
     return data["train"], data["heldout"]
 
 
