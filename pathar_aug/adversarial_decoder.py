@@ -11,7 +11,8 @@ from scratch (Isola et al. 2017), weighted adaptively against L1 at the decoder'
 VQGAN recipe, Esser et al. 2021). With ``TokenizerConfig.conditional_discriminator`` the
 discriminator sees the tile's mask and label beside the image (a conditional PatchGAN, as pix2pix
 conditions on its input): real and decoded tile share both, so it can only tell them apart by how
-the image draws these nuclei in this modality. Off by default: on DSB2018 it did not cure what it
+the image draws these nuclei in this modality. ``TokenizerConfig.adversarial_labels`` limits the GAN
+term and the discriminator to some labels' tiles; the others train on L1 alone. Conditioning is off by default: on DSB2018 it did not cure what it
 was meant to (brightfield's ringing and tint, README "Texture"). Only the fusion and the image decoder learn: encoders, codebooks
 and the mask decoder are frozen, so every token is what it was and the token cache and the prior
 stay valid; a trained run can gain the stage afterwards (``train --resume --adversarial-steps``).
@@ -19,7 +20,7 @@ No pretrained network is involved, so nothing is downloaded.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -85,9 +86,30 @@ class ImageHead(nn.Module):
         return self.image_decoder.net[-1].weight
 
 
-def discriminator_loss(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> torch.Tensor:
-    """Hinge loss of the discriminator."""
-    return F.relu(1.0 - real_scores).mean() + F.relu(1.0 + fake_scores).mean()
+def tile_mean(scores: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean over patches and tiles, each tile counted with its weight (None: all alike). A batch
+    without a weighted tile gives 0, with the graph intact: every rank runs the same backward."""
+    if weights is None:
+        return scores.mean()
+    per_tile = scores.flatten(1).mean(dim=1)
+    return (per_tile * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def discriminator_loss(real_scores: torch.Tensor, fake_scores: torch.Tensor,
+                       weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Hinge loss of the discriminator (``weights``: per tile, see ``tile_mean``)."""
+    return tile_mean(F.relu(1.0 - real_scores), weights) + tile_mean(F.relu(1.0 + fake_scores), weights)
+
+
+def judged_label_ids(cfg: TokenizerConfig, label_names: Sequence[str]) -> list[int] | None:
+    """The label ids of ``cfg.adversarial_labels`` (None: every label). Raises on an unknown name."""
+    if not cfg.adversarial_labels:
+        return None
+    unknown = [n for n in cfg.adversarial_labels if n not in label_names]
+    if unknown:
+        raise ValueError(f"adversarial_labels names {unknown}, not labels of this run's data "
+                         f"(its labels: {list(label_names)})")
+    return [list(label_names).index(n) for n in cfg.adversarial_labels]
 
 
 def adaptive_weight(rec: torch.Tensor, generator: torch.Tensor, last_layer: torch.Tensor,
@@ -104,8 +126,11 @@ class AdversarialDecoderTrainer:
     """One object per stage: the frozen tokenizer's codes in, decoder and discriminator steps out.
     ``state_dict`` / ``load_state_dict`` carry the discriminator and both optimisers for --resume."""
 
-    def __init__(self, tokenizer: DualVQTokenizer, cfg: TokenizerConfig, device: torch.device, num_labels: int):
-        self.tokenizer, self.cfg, self.num_labels = tokenizer, cfg, num_labels
+    def __init__(self, tokenizer: DualVQTokenizer, cfg: TokenizerConfig, device: torch.device,
+                 label_names: Sequence[str]):
+        self.tokenizer, self.cfg, self.num_labels = tokenizer, cfg, len(label_names)
+        self.judged_labels = judged_label_ids(cfg, label_names)
+        num_labels = self.num_labels
         for p in tokenizer.parameters():
             p.requires_grad_(False)
         self.head = ImageHead(tokenizer)
@@ -146,6 +171,14 @@ class AdversarialDecoderTrainer:
             q_a = shuffle_positions(q_a, self.cfg.appearance_shuffle)
         return q_s, q_a
 
+    def _tile_weights(self, labels: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor | None:
+        """1 for the tiles the GAN term judges, 0 for the rest (None: all are judged)."""
+        if self.judged_labels is None:
+            return None
+        if labels is None:
+            raise ValueError("adversarial_labels needs the batch's labels")
+        return torch.isin(labels.to(device), torch.tensor(self.judged_labels, device=device)).float()
+
     def step(self, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor | None,
              autocast: Callable[[], object]) -> dict[str, torch.Tensor]:
         """One decoder step (L1 + adaptive x weight x hinge generator loss), then one discriminator
@@ -153,6 +186,7 @@ class AdversarialDecoderTrainer:
         x = images_to_float(images)
         q_s, q_a = self._codes(images, masks, labels)
         structure = self.tokenizer._structure_input(masks) if self.cfg.conditional_discriminator else None
+        weights = self._tile_weights(labels, len(x), x.device)
 
         def judged(images: torch.Tensor) -> torch.Tensor:
             return discriminator_input(images, structure, labels, self.num_labels)
@@ -164,7 +198,7 @@ class AdversarialDecoderTrainer:
             rec = F.l1_loss(x_hat, x)
             # scored by the plain module: the generator step must not sync the discriminator's
             # gradients (they are zeroed before its own step)
-            generator = -self.discriminator(judged(x_hat)).float().mean()
+            generator = -tile_mean(self.discriminator(judged(x_hat)).float(), weights)
         weight = adaptive_weight(rec, generator, self.head.last_layer)
         loss = rec + self.cfg.adversarial_weight * weight * generator
         self.head_opt.zero_grad(set_to_none=True)
@@ -175,11 +209,11 @@ class AdversarialDecoderTrainer:
         with autocast():
             # one forward for both halves (GroupNorm is per sample): one gradient sync per step
             real_scores, fake_scores = self.disc_ddp(torch.cat([judged(x), judged(x_hat.detach())])).float().chunk(2)
-            d_loss = discriminator_loss(real_scores, fake_scores)
+            d_loss = discriminator_loss(real_scores, fake_scores, weights)
         self.disc_opt.zero_grad(set_to_none=True)
         d_loss.backward()
         self.disc_opt.step()
         self.tokenizer.eval()
         return {"rec": rec.detach(), "generator": generator.detach(), "discriminator": d_loss.detach(),
-                "adaptive_weight": weight, "real_score": real_scores.detach().mean(),
-                "fake_score": fake_scores.detach().mean()}
+                "adaptive_weight": weight, "real_score": tile_mean(real_scores.detach(), weights),
+                "fake_score": tile_mean(fake_scores.detach(), weights)}

@@ -10,7 +10,7 @@ import torch
 
 from pathar_aug import distributed
 from pathar_aug.adversarial_decoder import LOSS_TERMS as GAN_TERMS
-from pathar_aug.adversarial_decoder import AdversarialDecoderTrainer
+from pathar_aug.adversarial_decoder import AdversarialDecoderTrainer, judged_label_ids
 from pathar_aug.config import from_dict, to_dict
 from pathar_aug.device import autocast, compile_modules, to_device
 from pathar_aug.patches import PatchSet, dihedral, random_dihedral
@@ -82,6 +82,7 @@ def train_tokenizer(
     ckpt_path = out_dir / CHECKPOINT
     if patches.images.shape[-1] != cfg.patch_size:
         raise ValueError(f"patches are {patches.images.shape[-1]} px but the tokenizer expects {cfg.patch_size} px")
+    judged_label_ids(cfg, patches.label_names)  # an unknown name fails now, not after the tokenizer's steps
     torch.manual_seed(seed)
     model = DualVQTokenizer(cfg).to(device)
     opt = make_adamw(model, cfg.lr, cfg.betas, cfg.weight_decay)
@@ -189,7 +190,7 @@ def train_tokenizer(
                                       f"usage S {usage_s:.0%} A {usage_a:.0%}")
             step_done(task, cfg.steps, step)
     if step < cfg.total_steps:
-        adversarial = AdversarialDecoderTrainer(model, cfg, device, len(patches.label_names))
+        adversarial = AdversarialDecoderTrainer(model, cfg, device, patches.label_names)
         gan_rows = distributed.rank_block(cfg.adversarial_batch_size)
         if adversarial_state is not None:
             adversarial.load_state_dict(adversarial_state)

@@ -2,6 +2,7 @@
 finished run gains it with --resume."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 
@@ -73,15 +74,72 @@ def test_a_discriminator_of_the_other_conditioning_is_refused_on_resume():
     cfg = dataclasses.replace(TOKENIZER_PRESETS["tiny"], adversarial_steps=2, conditional_discriminator=True)
     plain_cfg = dataclasses.replace(cfg, conditional_discriminator=False)
     tok = DualVQTokenizer(cfg)
-    conditional = AdversarialDecoderTrainer(tok, cfg, torch.device("cpu"), num_labels=3)
+    conditional = AdversarialDecoderTrainer(tok, cfg, torch.device("cpu"), ["a", "b", "c"])
     assert conditional.discriminator.net[0].in_channels == 3 + 1 + 3
-    plain = AdversarialDecoderTrainer(tok, plain_cfg, torch.device("cpu"), num_labels=3)
+    plain = AdversarialDecoderTrainer(tok, plain_cfg, torch.device("cpu"), ["a", "b", "c"])
     assert plain.discriminator.net[0].in_channels == 3
     with pytest.raises(ValueError, match="conditional_discriminator"):
         plain.load_state_dict(conditional.state_dict())
     with pytest.raises(ValueError, match="label count"):
-        AdversarialDecoderTrainer(tok, cfg, torch.device("cpu"), num_labels=2).load_state_dict(
+        AdversarialDecoderTrainer(tok, cfg, torch.device("cpu"), ["a", "b"]).load_state_dict(
             conditional.state_dict())
+
+
+def test_unjudged_tiles_leave_the_gan_losses_alone():
+    real, fake = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    only_first = torch.tensor([1.0, 0.0, 0.0])
+    assert discriminator_loss(real, fake, only_first).item() == pytest.approx(
+        discriminator_loss(real[:1], fake[:1]).item(), rel=1e-6)
+    changed = real.clone()
+    changed[1:] = 50.0  # what an unjudged tile scores does not count
+    assert discriminator_loss(changed, fake, only_first).item() == pytest.approx(
+        discriminator_loss(real, fake, only_first).item(), rel=1e-6)
+    assert discriminator_loss(real, fake, torch.zeros(3)).item() == 0.0  # no judged tile: nothing
+
+
+def _decoder_after_one_step(cfg: TokenizerConfig, labels: torch.Tensor) -> tuple[dict, dict, dict]:
+    """Decoder and discriminator weights before and after one adversarial step of a fresh tiny
+    tokenizer on a fixed batch (labels of ``["a", "b"]``)."""
+    torch.manual_seed(0)
+    tok = DualVQTokenizer(cfg)
+    trainer = AdversarialDecoderTrainer(tok, cfg, torch.device("cpu"), ["a", "b"])
+    rng = np.random.default_rng(0)
+    pairs = [disc_pair(cfg.patch_size, rng) for _ in labels]
+    images = torch.from_numpy(np.stack([p[0] for p in pairs])).permute(0, 3, 1, 2).contiguous()
+    masks = torch.from_numpy(np.stack([p[1] for p in pairs]))[:, None].to(torch.uint8)
+    disc_before = {k: v.clone() for k, v in trainer.discriminator.state_dict().items()}
+    torch.manual_seed(1)
+    trainer.step(images, masks, labels, contextlib.nullcontext)
+    return tok.image_decoder.state_dict(), disc_before, trainer.discriminator.state_dict()
+
+
+def test_adversarial_labels_judge_only_their_tiles(one_thread):
+    base = dataclasses.replace(TOKENIZER_PRESETS["tiny"], patch_size=32, adversarial_steps=1)
+    selective = dataclasses.replace(base, adversarial_labels=("b",))
+    l1_only = dataclasses.replace(base, adversarial_weight=0.0)
+    only_a = torch.tensor([0, 0])
+    # a batch without a "b" tile: the decoder steps on L1 alone and the discriminator learns nothing
+    dec, disc_before, disc_after = _decoder_after_one_step(selective, only_a)
+    dec_l1, _, _ = _decoder_after_one_step(l1_only, only_a)
+    assert all(torch.allclose(dec[k], dec_l1[k], atol=1e-7) for k in dec)
+    assert all(torch.equal(disc_before[k], disc_after[k]) for k in disc_before)
+    # with a "b" tile the GAN term pulls the decoder and the discriminator trains
+    with_b = torch.tensor([0, 1])
+    dec, disc_before, disc_after = _decoder_after_one_step(selective, with_b)
+    dec_l1, _, _ = _decoder_after_one_step(l1_only, with_b)
+    assert not all(torch.allclose(dec[k], dec_l1[k], atol=1e-7) for k in dec)
+    assert not all(torch.equal(disc_before[k], disc_after[k]) for k in disc_before)
+
+
+def test_unknown_adversarial_labels_fail_before_any_training(tmp_path):
+    with pytest.raises(ValueError, match="adversarial_labels"):
+        TokenizerConfig(adversarial_labels="histology")  # a name, not a list of names
+    images, masks = write_pair_folders(tmp_path / "data", n=4, size=32, labels=("a", "b"))
+    patches = make_patches(load_pairs(images, masks), 32)
+    cfg = dataclasses.replace(TOKENIZER_PRESETS["tiny"], adversarial_steps=2, adversarial_labels=("c",))
+    with pytest.raises(ValueError, match=r"adversarial_labels names \['c'\].*'a', 'b'"):
+        train_tokenizer(patches, tmp_path / "run", cfg, torch.device("cpu"), show_progress=False)
+    assert not (tmp_path / "run" / "tokenizer.pt").exists()
 
 
 def test_config_refuses_negative_adversarial_steps():
