@@ -163,6 +163,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out where it stopped (with a larger --prior-steps or --adversarial-steps: train that stage longer)."),
     tokenizer_steps: Optional[int] = typer.Option(None, help="Override the preset's tokenizer training steps."),
     adversarial_steps: Optional[int] = typer.Option(None, help="After the tokenizer's steps, train its image decoder this many steps more on L1 plus a PatchGAN loss (a discriminator trained alongside from scratch): sharper tiles with real-looking texture instead of the L1 decoder's smooth ones. Tokens do not change, so a finished run gains it with --resume --adversarial-steps N without retraining its prior. 0 (the presets): the paper's L1 decoder. README, 'Texture'."),
+    adversarial_labels: Optional[str] = typer.Option(None, help="With --adversarial-steps: the labels (comma-separated names) whose tiles the GAN term and its discriminator judge; the others' tiles keep L1 alone. For a shared decoder whose texture is too smooth for one modality and right for the others, e.g. --adversarial-labels histology. Default: every label; on --resume it may change until the first adversarial step ('' : every label again)."),
     prior_steps: Optional[int] = typer.Option(None, help="Override the preset's prior training steps."),
     batch_size: Optional[int] = typer.Option(None, help="Override both stages' batch size."),
     val_fraction: float = typer.Option(0.1, help="Share of source images per label held out (never trained on)."),
@@ -192,6 +193,8 @@ def train(
     from pathar_aug import distributed
     from pathar_aug.pipeline import make_settings, train_run
 
+    judged = None if adversarial_labels is None else \
+        tuple(name.strip() for name in adversarial_labels.split(",") if name.strip())
     dataset_dir = None
     if dataset is not None:
         from nnunet_integration.paths import resolve_dataset
@@ -207,15 +210,17 @@ def train(
     else:
         settings = make_settings(images, masks, labels, preset.value,
                                  {"steps": tokenizer_steps, "batch_size": batch_size,
-                                  "adversarial_steps": adversarial_steps},
+                                  "adversarial_steps": adversarial_steps, "adversarial_labels": judged},
                                  {"steps": prior_steps, "batch_size": batch_size}, val_fraction, seed,
                                  dataset=dataset_dir, init=init, init_tokenizer=init_tokenizer.value,
                                  classes=classes, mask_mode=mask_mode.value)
     given = _typed_options(ctx, ("images", "masks", "labels", "preset", "tokenizer_steps", "adversarial_steps",
-                            "prior_steps", "batch_size", "val_fraction", "seed", "dataset", "init", "init_tokenizer", "classes",
+                            "adversarial_labels", "prior_steps", "batch_size", "val_fraction", "seed", "dataset", "init", "init_tokenizer", "classes",
                             "mask_mode")) if resume else None
     if given and "dataset" in given:
         given["dataset"] = str(dataset_dir)
+    if given and "adversarial_labels" in given:
+        given["adversarial_labels"] = judged
     if given and "classes" in given:
         from pathar_aug.mask_classes import parse_classes
 

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from pathar_aug import distributed
+from pathar_aug.adversarial_decoder import judged_label_ids
 from pathar_aug.config import from_dict, from_preset, save_json, to_dict
 from pathar_aug.ingest import (
     Sample,
@@ -196,6 +197,7 @@ _RESUME_OPTIONS = {
     "images": lambda s: s.images, "masks": lambda s: s.masks, "labels": lambda s: s.labels_csv,
     "preset": lambda s: s.preset, "tokenizer_steps": lambda s: s.tokenizer.steps,
     "adversarial_steps": lambda s: s.tokenizer.adversarial_steps,
+    "adversarial_labels": lambda s: tuple(s.tokenizer.adversarial_labels),
     "batch_size": lambda s: s.tokenizer.batch_size if s.tokenizer.batch_size == s.prior.batch_size else None,
     "val_fraction": lambda s: s.val_fraction, "seed": lambda s: s.seed, "prior_steps": lambda s: s.prior.steps,
     "dataset": lambda s: s.dataset, "init": lambda s: s.init, "init_tokenizer": lambda s: s.init_tokenizer,
@@ -255,8 +257,18 @@ def apply_resume_options(run_dir: Path, stored: RunSettings, given: dict[str, An
                 "its tokens, and so the prior, stay as they are")
             stored = dataclasses.replace(stored, tokenizer=dataclasses.replace(stored.tokenizer, adversarial_steps=value))
             continue
+        if option == "adversarial_labels" and not _adversarial_stage_begun(run_dir, stored):
+            changed = dataclasses.replace(stored.tokenizer, adversarial_labels=value)
+            if (run_dir / RUN_FILE).is_file():  # else checked once the data stage knows the labels
+                judged_label_ids(changed, RunInfo.load(run_dir).label_names)  # an unknown name raises
+            log(f"resume: the adversarial stage judges {', '.join(value) if value else 'every label'}'s tiles")
+            stored = dataclasses.replace(stored, tokenizer=changed)
+            continue
         if option == "prior_steps" and stored.prior.epochs is not None:
             why = f"this run's prior trains for {stored.prior.epochs} epochs, so {flag} does not apply"
+        elif option == "adversarial_labels":
+            why = (f"the image decoder's adversarial stage has begun with {current or 'every label'} and its "
+                   "discriminator learnt from those tiles")
         elif option in ("prior_steps", "adversarial_steps"):
             why = f"{flag} can only grow on --resume (the run has {current})"
         else:
@@ -264,6 +276,11 @@ def apply_resume_options(run_dir: Path, stored: RunSettings, given: dict[str, An
         raise RunError(f"{run_dir}: {flag} {value!r} differs from the run: {why}; "
                        "start a new run with another --out to change it")
     return stored
+
+
+def _adversarial_stage_begun(run_dir: Path, stored: RunSettings) -> bool:
+    """Whether the run's tokenizer checkpoint holds adversarial decoder steps."""
+    return checkpoint_done(run_dir / TOKENIZER_CKPT, stored.tokenizer.steps + 1)
 
 
 def prepare_run(run_dir: Path, settings: RunSettings | None, resume: bool, given: dict[str, Any] | None = None,
@@ -306,6 +323,7 @@ def prepare_run(run_dir: Path, settings: RunSettings | None, resume: bool, given
     samples = load_run_samples(settings)  # raises IngestError
     train, val = split_by_image(samples, settings.val_fraction, settings.seed)
     label_names = sorted({s.label for s in samples})
+    judged_label_ids(settings.tokenizer, label_names)  # an unknown adversarial label raises before any write
     train_patches = make_patches(train, settings.tokenizer.patch_size, label_names)
     val_patches = make_patches(val, settings.tokenizer.patch_size, label_names) if val else None
     # everything is checked; the first write saves the settings, so that --resume alone can redo

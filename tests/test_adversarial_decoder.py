@@ -140,6 +140,12 @@ def test_unknown_adversarial_labels_fail_before_any_training(tmp_path):
     with pytest.raises(ValueError, match=r"adversarial_labels names \['c'\].*'a', 'b'"):
         train_tokenizer(patches, tmp_path / "run", cfg, torch.device("cpu"), show_progress=False)
     assert not (tmp_path / "run" / "tokenizer.pt").exists()
+    # a new run from the command line: refused before its run folder is written
+    result = CliRunner().invoke(app, ["train", "--images", str(images), "--masks", str(masks), "--preset", "tiny",
+                                      "--out", str(tmp_path / "cli_run"), "--adversarial-steps", "2",
+                                      "--adversarial-labels", "a, c", "--quiet"])
+    assert result.exit_code != 0 and "['c']" in result.output
+    assert not (tmp_path / "cli_run" / "run.json").exists() and not (tmp_path / "cli_run" / "run_pending.json").exists()
 
 
 def test_config_refuses_negative_adversarial_steps():
@@ -196,9 +202,17 @@ def test_a_finished_run_gains_the_stage_with_resume_and_keeps_its_prior(tmp_path
     run = train_tiny_run(tmp_path, "--tokenizer-steps", "6", "--prior-steps", "6")["run"]
     prior_before = torch.load(run / "prior" / "prior.pt", weights_only=False)
     tokens_before = (run / "tokens" / "train_tokens.pt").read_bytes()
-    result = CliRunner().invoke(app, ["train", "--out", str(run), "--resume", "--adversarial-steps", "4", "--quiet"])
+    typo = CliRunner().invoke(app, ["train", "--out", str(run), "--resume", "--adversarial-steps", "4",
+                                    "--adversarial-labels", "brigth", "--quiet"])
+    assert typo.exit_code != 0 and "brigth" in typo.output and "'bright', 'dark'" in typo.output
+    assert RunInfo.load(run).settings.tokenizer.adversarial_steps == 0  # nothing stored, nothing trained
+    result = CliRunner().invoke(app, ["train", "--out", str(run), "--resume", "--adversarial-steps", "4",
+                                      "--adversarial-labels", "bright", "--quiet"])
     assert result.exit_code == 0, result.output
-    assert "trains on adversarially to 4 steps" in result.output
+    assert "trains on adversarially to 4 steps" in result.output and "judges bright's tiles" in result.output
+    assert RunInfo.load(run).settings.tokenizer.adversarial_labels == ("bright",)
+    begun = CliRunner().invoke(app, ["train", "--out", str(run), "--resume", "--adversarial-labels", "dark", "--quiet"])
+    assert begun.exit_code != 0 and "has begun" in begun.output
     assert torch.load(run / "tokenizer" / "tokenizer.pt", weights_only=False)["step"] == 10
     prior_after = torch.load(run / "prior" / "prior.pt", weights_only=False)
     assert prior_after["step"] == prior_before["step"]
