@@ -423,11 +423,13 @@ def train_sampling_stage(run_dir: str | Path, device: torch.device, settings: Ru
     prior_step = int(load_checkpoint(run_dir / PRIOR_CKPT)["step"])
     tokenizer_step = int(load_checkpoint(run_dir / TOKENIZER_CKPT)["step"])
     settings = settings or RunInfo.load(run_dir).settings
+    samples = SAMPLES_PER_LABEL.get(settings.preset, 32)
     if path.is_file():
         chosen = json.loads(path.read_text())
         if (chosen.get("prior_step") == prior_step and chosen.get("rule") == SAMPLING_RULE
+                and chosen.get("samples_per_label") == samples
                 and (chosen.get("tokenizer_step") or settings.tokenizer.steps) == tokenizer_step):
-            return path  # chosen for this prior and image decoder by this rule
+            return path  # chosen for this prior and image decoder by this rule, on as many samples
     from pathar_aug.generator import load_generator  # it imports this module
 
     generator = load_generator(run_dir, device)
@@ -440,8 +442,7 @@ def train_sampling_stage(run_dir: str | Path, device: torch.device, settings: Ru
     def select(label: str, images: torch.Tensor, masks: torch.Tensor, keep: int) -> list[int]:
         return list(quality.select(images, masks, label, keep=keep).kept)
 
-    choice = choose_sampling(pairs, generator.label_names, real, SAMPLES_PER_LABEL.get(settings.preset, 32),
-                             seed=settings.seed, select=select)
+    choice = choose_sampling(pairs, generator.label_names, real, samples, seed=settings.seed, select=select)
     choice.prior_step, choice.tokenizer_step = prior_step, tokenizer_step
     save_json(choice.to_json(), path)
     records = {label: next(m for m in choice.measured if m["setting"] == own) for label, own in choice.per_label.items()}

@@ -120,6 +120,26 @@ def test_a_prior_trained_on_chooses_its_sampling_defaults_again(start, tmp_path)
     assert json.loads((run / "sampling.json").read_text())["prior_step"] == 6
 
 
+def test_sampling_defaults_chosen_on_fewer_samples_are_chosen_again(start, tmp_path):
+    import shutil
+
+    from pathar_aug.sampling_defaults import SAMPLES_PER_LABEL
+
+    run = tmp_path / "run"
+    shutil.copytree(start["run"], run)
+    path = run / "sampling.json"
+    chosen = json.loads(path.read_text())
+    assert chosen["samples_per_label"] == SAMPLES_PER_LABEL["tiny"]
+    written = path.stat().st_mtime_ns
+    res = runner.invoke(app, ["train", "--out", str(run), "--resume", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert path.stat().st_mtime_ns == written  # chosen on as many samples already: kept
+    path.write_text(json.dumps({**chosen, "samples_per_label": 1}))  # as by a version that sampled fewer
+    res = runner.invoke(app, ["train", "--out", str(run), "--resume", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(path.read_text())["samples_per_label"] == SAMPLES_PER_LABEL["tiny"]
+
+
 def test_export_a_starting_point_and_start_from_it(start, tmp_path, nnunet_dirs):
     from pathar_aug import starting_points
 
