@@ -164,6 +164,7 @@ def train(
     tokenizer_steps: Optional[int] = typer.Option(None, help="Override the preset's tokenizer training steps."),
     adversarial_steps: Optional[int] = typer.Option(None, help="After the tokenizer's steps, train its image decoder this many steps more on L1 plus a PatchGAN loss (a discriminator trained alongside from scratch): sharper tiles with real-looking texture instead of the L1 decoder's smooth ones. Tokens do not change, so a finished run gains it with --resume --adversarial-steps N without retraining its prior. 0 (the presets): the paper's L1 decoder. README, 'Texture'."),
     adversarial_labels: Optional[str] = typer.Option(None, help="With --adversarial-steps: the labels (comma-separated names) whose tiles the GAN term and its discriminator judge; the others' tiles keep L1 alone. For a shared decoder whose texture is too smooth for one modality and right for the others, e.g. --adversarial-labels histology. Default: every label; on --resume it may change until the first adversarial step ('' : every label again)."),
+    appearance_partner: Optional[float] = typer.Option(None, help="Share (0 to 1) of each tokenizer batch decoded with the appearance codes of another tile of the same label, so that the image decoder takes the layout of nuclei from the structure tokens alone: synthetic images follow their masks more closely, at the price of softer images. Default: the preset's (0). README, 'Partner appearance'."),
     prior_steps: Optional[int] = typer.Option(None, help="Override the preset's prior training steps."),
     batch_size: Optional[int] = typer.Option(None, help="Override both stages' batch size."),
     val_fraction: float = typer.Option(0.1, help="Share of source images per label held out (never trained on)."),
@@ -210,12 +211,13 @@ def train(
     else:
         settings = make_settings(images, masks, labels, preset.value,
                                  {"steps": tokenizer_steps, "batch_size": batch_size,
-                                  "adversarial_steps": adversarial_steps, "adversarial_labels": judged},
+                                  "adversarial_steps": adversarial_steps, "adversarial_labels": judged,
+                                  "appearance_partner": appearance_partner},
                                  {"steps": prior_steps, "batch_size": batch_size}, val_fraction, seed,
                                  dataset=dataset_dir, init=init, init_tokenizer=init_tokenizer.value,
                                  classes=classes, mask_mode=mask_mode.value)
     given = _typed_options(ctx, ("images", "masks", "labels", "preset", "tokenizer_steps", "adversarial_steps",
-                            "adversarial_labels", "prior_steps", "batch_size", "val_fraction", "seed", "dataset", "init", "init_tokenizer", "classes",
+                            "adversarial_labels", "appearance_partner", "prior_steps", "batch_size", "val_fraction", "seed", "dataset", "init", "init_tokenizer", "classes",
                             "mask_mode")) if resume else None
     if given and "dataset" in given:
         given["dataset"] = str(dataset_dir)

@@ -198,6 +198,7 @@ _RESUME_OPTIONS = {
     "preset": lambda s: s.preset, "tokenizer_steps": lambda s: s.tokenizer.steps,
     "adversarial_steps": lambda s: s.tokenizer.adversarial_steps,
     "adversarial_labels": lambda s: tuple(s.tokenizer.adversarial_labels),
+    "appearance_partner": lambda s: s.tokenizer.appearance_partner,
     "batch_size": lambda s: s.tokenizer.batch_size if s.tokenizer.batch_size == s.prior.batch_size else None,
     "val_fraction": lambda s: s.val_fraction, "seed": lambda s: s.seed, "prior_steps": lambda s: s.prior.steps,
     "dataset": lambda s: s.dataset, "init": lambda s: s.init, "init_tokenizer": lambda s: s.init_tokenizer,

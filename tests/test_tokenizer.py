@@ -195,6 +195,31 @@ def test_appearance_partner_changes_training_only_where_the_label_repeats():
         from_preset(TOKENIZER_PRESETS, "tiny", appearance_partner=-0.1)
 
 
+def test_train_takes_the_partner_share_from_the_command_line_and_keeps_it_on_resume(tmp_path):
+    from typer.testing import CliRunner
+
+    from pathar_aug.cli import app
+    from pathar_aug.pipeline import RunError, RunInfo, apply_resume_options
+    from tests.conftest import write_pair_folders
+
+    images, masks = write_pair_folders(tmp_path / "data", n=2, size=32)
+    bad = CliRunner().invoke(app, ["train", "--images", str(images), "--masks", str(masks), "--preset", "tiny",
+                                   "--out", str(tmp_path / "bad"), "--appearance-partner", "1.5", "--quiet"])
+    assert bad.exit_code != 0 and "appearance_partner is a probability" in bad.output
+    assert not (tmp_path / "bad" / "run.json").exists()
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--images", str(images), "--masks", str(masks), "--preset", "tiny",
+                                      "--out", str(run), "--appearance-partner", "0.5", "--tokenizer-steps", "2",
+                                      "--prior-steps", "2", "--val-fraction", "0", "--quiet"])
+    assert result.exit_code == 0, result.output
+    stored = RunInfo.load(run).settings
+    assert stored.tokenizer.appearance_partner == 0.5
+    assert torch.load(run / "tokenizer" / "tokenizer.pt", weights_only=False)["config"]["appearance_partner"] == 0.5
+    assert apply_resume_options(run, stored, {"appearance_partner": 0.5}) == stored  # the same share: fine
+    with pytest.raises(RunError, match="--appearance-partner 0.2 differs from the run"):
+        apply_resume_options(run, stored, {"appearance_partner": 0.2})
+
+
 # ---------------------------------------------------------------------- multi-class masks
 def test_k_way_tokenizer_shapes_and_loss():
     cfg = dataclasses.replace(TOKENIZER_PRESETS["tiny"], num_classes=3)
