@@ -406,16 +406,47 @@ def test_sampling_defaults_per_label_judge_settings_by_what_the_filter_keeps():
         kept_empty = [i for i in passing if empty[i]][:quota]
         return (kept_empty + [i for i in passing if not empty[i]])[:keep]
 
-    filtered = choose_sampling(generate, ["a", "b", "c"], real, samples_per_label=20, select=filtering)
-    # keep = 6 of 20. a and b: every setting with 6 non-empty pairs keeps none / one empty (real 0.05 /
-    # 0.1 of 6): a tie the sampled share breaks as before. c: at 1.0 the filter keeps 2 of its 18
-    # empties (0.4 of 6) and its 2 non-empty pairs (kept share 0.5, gap 0.1); hotter, no empty pair
-    # passes (gap 0.4); cooler, it keeps only 2 empty pairs (under half the best count of 6)
+    filtered = choose_sampling(generate, ["a", "b", "c"], real, samples_per_label=60, select=filtering)
+    # keep = 20 of 60. a and b: every setting keeps 1 / 2 empty pairs of 20 (their real 0.05 / 0.1): a
+    # tie the sampled share breaks as before. c: at 1.0 the filter keeps 8 of its 54 empties (0.4 of
+    # 20) and its 6 non-empty pairs (kept share 0.57, gap 0.17); hotter, no empty pair passes (gap
+    # 0.4, further than the standard error of two kept shares, 0.15); cooler, it keeps only 8 empty
+    # pairs (under half the best count of 20)
     assert filtered.per_label == {"a": CANDIDATES[3], "b": CANDIDATES[2], "c": CANDIDATES[2]}
     record = filtered.measured[2]
-    assert record["kept"]["c"] == 4 and record["kept_empty_share"]["c"] == pytest.approx(0.5)
-    assert filtered.measured[3]["kept_empty_share"]["c"] == 0.0 and filtered.measured[3]["kept"]["c"] == 6
+    assert record["kept"]["c"] == 14 and record["kept_empty_share"]["c"] == pytest.approx(8 / 14)
+    assert filtered.measured[3]["kept_empty_share"]["c"] == 0.0 and filtered.measured[3]["kept"]["c"] == 18
     assert filtered.chosen == CANDIDATES[2]
+
+
+def test_sampling_defaults_treat_kept_shares_within_their_standard_error_as_a_tie():
+    import torch
+
+    from pathar_aug.sampling_defaults import CANDIDATES, choose_sampling
+
+    # the paper's setting empties 21 % of the sampled masks, the next 3 % (real 4.5 %); of 64 kept
+    # pairs the filter keeps 3 and 1 empty ones: 0.047 against 0.016, a gap of 0.03 within the
+    # standard error of two shares of 64 at 4.5 % (0.037), so the sampled share decides
+    sampled = {0.85: 0.21, 0.95: 0.03}
+    kept_empty = {0.85: 3, 0.95: 1}
+
+    def generate(label_index, n, config):
+        masks = torch.ones(n, 1, 8, 8, dtype=torch.uint8)
+        masks[:int(round(sampled[config.temperature] * n))] = 0
+        return torch.full((n, 3, 8, 8), int(config.temperature * 100), dtype=torch.uint8), masks
+
+    def select(label, images, masks, keep):
+        empty = [i for i in range(len(masks)) if not masks[i].any()]
+        full = [i for i in range(len(masks)) if masks[i].any()]
+        n_empty = kept_empty[int(images[0, 0, 0, 0]) / 100]
+        return empty[:n_empty] + full[:keep - n_empty]
+
+    choice = choose_sampling(generate, ["h"], {"h": 0.045}, samples_per_label=192, select=select)
+    assert choice.per_label == {"h": CANDIDATES[1]}
+    # 12 against 1 empty of 64 is no tie: the kept share closest to the real one wins
+    kept_empty[0.85], kept_empty[0.95] = 3, 12
+    choice = choose_sampling(generate, ["h"], {"h": 0.045}, samples_per_label=192, select=select)
+    assert choice.per_label == {"h": CANDIDATES[0]}
 
 
 def test_resolved_sampling_gives_each_label_its_own_setting_and_the_command_line_wins(run, tmp_path):
