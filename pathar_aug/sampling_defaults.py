@@ -96,8 +96,8 @@ def choose_sampling(generate: Callable[[int, int, SamplingConfig], Pairs], label
     falls to the real one. With ``select(label, images, masks, keep)`` (the quality filter: indices
     of at most ``keep`` pairs kept) each setting is judged by its kept pairs: the label keeps the
     setting whose kept empty share is closest to the real one (ties, also within the binomial
-    standard error of two kept shares at the real share: the sampled share, then the cooler), among those keeping at least ``MIN_YIELD`` of the best count; without, by the sampled
-    share. The setting most labels keep is the one for all (ties: the cooler)."""
+    standard error of two kept shares at the real share: the sampled share, then the cooler), among
+    those keeping at least ``MIN_YIELD`` of the best count; without, by the sampled share. The setting most labels keep is the one for all (ties: the cooler)."""
     if samples_per_label < 1:
         raise ValueError(f"samples_per_label must be >= 1, got {samples_per_label}")
     keep = max(1, samples_per_label // FILTER_OVERSAMPLE)
