@@ -97,7 +97,8 @@ def choose_sampling(generate: Callable[[int, int, SamplingConfig], Pairs], label
     of at most ``keep`` pairs kept) each setting is judged by its kept pairs: the label keeps the
     setting whose kept empty share is closest to the real one (ties, also within the binomial
     standard error of two kept shares at the real share: the sampled share, then the cooler), among
-    those keeping at least ``MIN_YIELD`` of the best count; without, by the sampled share. The setting most labels keep is the one for all (ties: the cooler)."""
+    those keeping at least ``MIN_YIELD`` of the best count; without, by the sampled share. The
+    setting most labels keep is the one for all (ties: the cooler)."""
     if samples_per_label < 1:
         raise ValueError(f"samples_per_label must be >= 1, got {samples_per_label}")
     keep = max(1, samples_per_label // FILTER_OVERSAMPLE)
