@@ -200,18 +200,15 @@ def test_train_takes_the_partner_share_from_the_command_line_and_keeps_it_on_res
 
     from pathar_aug.cli import app
     from pathar_aug.pipeline import RunError, RunInfo, apply_resume_options
-    from tests.conftest import write_pair_folders
+    from tests.conftest import train_tiny_run
 
-    images, masks = write_pair_folders(tmp_path / "data", n=2, size=32)
-    bad = CliRunner().invoke(app, ["train", "--images", str(images), "--masks", str(masks), "--preset", "tiny",
-                                   "--out", str(tmp_path / "bad"), "--appearance-partner", "1.5", "--quiet"])
+    trained = train_tiny_run(tmp_path, "--appearance-partner", "0.5", "--tokenizer-steps", "2", "--prior-steps", "2")
+    run = trained["run"]
+    bad = CliRunner().invoke(app, ["train", "--images", str(trained["images"]), "--masks", str(trained["masks"]),
+                                   "--preset", "tiny", "--out", str(tmp_path / "bad"), "--appearance-partner", "1.5",
+                                   "--quiet"])
     assert bad.exit_code != 0 and "appearance_partner is a probability" in bad.output
     assert not (tmp_path / "bad" / "run.json").exists()
-    run = tmp_path / "run"
-    result = CliRunner().invoke(app, ["train", "--images", str(images), "--masks", str(masks), "--preset", "tiny",
-                                      "--out", str(run), "--appearance-partner", "0.5", "--tokenizer-steps", "2",
-                                      "--prior-steps", "2", "--val-fraction", "0", "--quiet"])
-    assert result.exit_code == 0, result.output
     stored = RunInfo.load(run).settings
     assert stored.tokenizer.appearance_partner == 0.5
     assert torch.load(run / "tokenizer" / "tokenizer.pt", weights_only=False)["config"]["appearance_partner"] == 0.5
