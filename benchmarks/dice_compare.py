@@ -92,9 +92,16 @@ def compare(a: dict, b: dict, key_a: str, key_b: str, bootstrap: int) -> dict:
     return out
 
 
-def shared_reference(*studies: dict) -> bool:
-    """Whether one study took its group I from another (``--reference``): the two then share it."""
-    return any(r.get("reference") for s in studies for r in s["folds"].values() if r["group"]["key"] == REFERENCE)
+def shared_reference(a: dict, b: dict) -> bool:
+    """Whether both studies' group I is one training: one took the other's folds (``--reference``) or
+    both took them from a third study. Told by the fold checkpoints' signatures, seed by seed: a study
+    that took its group I elsewhere while the other trained its own does not share it."""
+    def signatures(study: dict) -> dict[int, tuple]:
+        return {r["seed"]: tuple(r["checkpoint"]) for r in study["folds"].values()
+                if r["group"]["key"] == REFERENCE and r.get("checkpoint")}
+    sig_a, sig_b = signatures(a), signatures(b)
+    seeds = sig_a.keys() & sig_b.keys()
+    return bool(seeds) and all(sig_a[s] == sig_b[s] for s in seeds)
 
 
 def markdown(sides: tuple[str, str], result: dict, reference: dict | None, shared: bool = False) -> str:

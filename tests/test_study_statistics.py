@@ -171,23 +171,26 @@ def test_convergence_flags_a_group_still_learning_at_the_end_of_its_schedule():
 def test_two_studies_pair_when_only_the_generator_differs():
     from benchmarks.dice_compare import check_pairable, compare, shared_reference
 
-    def study(model: str, val: int, dice_i: float, dice_f: float, reference: str | None = None) -> dict:
+    def study(model: str, val: int, dice_i: float, dice_f: float, group_i: int = 0) -> dict:
         tiles = ["t0", "t1", "t2"]
         folds, per_case = {}, {}
         for seed in (0, 1):
             for key, dice in (("r30", dice_i), ("r30-f200", dice_f)):
                 name = f"{key}-seed{seed}"
+                # a fold's checkpoint signature; equal for group I where one study took the other's
                 folds[name] = {"group": {"key": key}, "seed": seed,
-                               **({"reference": reference} if reference and key == "r30" else {})}
+                               "checkpoint": [group_i if key == "r30" else hash(model), seed]}
                 per_case[name] = {t: dice + 0.01 * i for i, t in enumerate(tiles)}
         return {"settings": {"model": model, "val": val, "filter_order": "draw"},
                 "validation": {"a": {"cases": tiles}}, "folds": folds,
                 **{f"{m}_per_case": per_case for m in ("dice", "aji", "pq")}}
 
-    a, b = study("gen-a", 50, 0.80, 0.75), study("gen-b", 50, 0.80, 0.78, reference="A/groups/fold00")
+    a, b = study("gen-a", 50, 0.80, 0.75), study("gen-b", 50, 0.80, 0.78)
     check_pairable(a, b, ("a", "b"))  # model and filter order may differ
     with pytest.raises(SystemExit, match="val"):
         check_pairable(a, study("gen-b", 40, 0.8, 0.8), ("a", "c"))
     result = compare(a, b, "r30-f200", "r30-f200", bootstrap=200)
     assert result["dice"]["a"]["b_minus_a"] == pytest.approx(0.03) and result["dice"]["a"]["seeds"] == [0, 1]
-    assert shared_reference(a, b) and not shared_reference(a, study("gen-c", 50, 0.8, 0.8))
+    # group I trained once and taken by both (same signatures) -> shared; trained again -> not shared,
+    # also when the other study took its own group I from a third study
+    assert shared_reference(a, b) and not shared_reference(a, study("gen-c", 50, 0.8, 0.8, group_i=1))
