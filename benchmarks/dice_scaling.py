@@ -34,7 +34,7 @@ import shutil
 from pathlib import Path
 
 from benchmarks.common import DSB_ROOT, RESULTS, VAL_FRACTION, WORK, dsb2018_labels_csv
-from pathar_aug.filter_order import DEFAULT_ORDER, ORDERS
+from pathar_aug.filter_order import DEFAULT_ORDER, DEFAULT_OVERSAMPLE, ORDERS
 from pathar_aug.study.settings import FILTER_EMPTY
 
 UNET_FEATURES, UNET_MAX_FEATURES = 16, 512
@@ -72,7 +72,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="default: the cpu schedule's")
     parser.add_argument("--iterations", type=int, default=None, help="default: the cpu schedule's")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the cpu schedule's")
-    parser.add_argument("--filter-oversample", type=int, default=2, help="candidates per kept filtered pair")
+    parser.add_argument("--filter-oversample", type=float, default=DEFAULT_OVERSAMPLE,
+                        help="candidates per kept filtered pair (default: as synthesize draws)")
     parser.add_argument("--unet-features", type=int, default=UNET_FEATURES)
     parser.add_argument("--unet-max-features", type=int, default=UNET_MAX_FEATURES)
     parser.add_argument("--name", default="dice_scaling", help="report name in benchmarks/results/")

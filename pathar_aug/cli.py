@@ -17,6 +17,7 @@ from pathar_aug.cli_options import (
     BATCH_SIZE_OPTION, CFG_OPTION, COMPILE_OPTION, FILTER_ORDER_OPTION, TEMPERATURE_OPTION, TOP_K_OPTION, TOP_P_OPTION,
     sampling_config,
 )
+from pathar_aug.filter_order import DEFAULT_OVERSAMPLE
 
 console = Console(stderr=True)
 
@@ -255,7 +256,7 @@ def synthesize(
     nnunet_raw: Optional[Path] = typer.Option(None, help="nnU-Net raw folder (default $nnUNet_raw)."),
     nnunet_preprocessed: Optional[Path] = typer.Option(None, help="nnU-Net preprocessed folder (default $nnUNet_preprocessed)."),
     quality_filter: bool = typer.Option(True, "--filter/--no-filter", help="Keep only pairs whose image and mask agree (see below); --no-filter writes every sampled pair."),
-    oversample: float = typer.Option(3.0, help="Filter: candidates drawn per requested pair, 1 to 10 (sampling time grows with it)."),
+    oversample: float = typer.Option(DEFAULT_OVERSAMPLE, help="Filter: candidates drawn per requested pair, 1 to 10 (sampling time grows with it)."),
     min_agreement: Optional[float] = typer.Option(None, help="Filter: minimum image-mask Dice for every label (default: per label, the 10th percentile of real held-out tiles)."),
     filter_order: str = FILTER_ORDER_OPTION,
     channels: Optional[str] = typer.Option(None, help="Convert the generator's images for a dataset with other channels: gray (RGB -> 1 channel, luminance) or rgb (gray -> 3 channels). Without it a mismatch is refused."),

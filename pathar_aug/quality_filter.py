@@ -55,8 +55,6 @@ FORMAT = "pathar-aug quality filter"
 EMPTY_MAX_FOREGROUND = 0.002
 FULL_MIN_FOREGROUND = 0.998
 
-DEFAULT_OVERSAMPLE = 3.0  # candidates drawn per requested pair (sampling cost grows with it)
-MAX_OVERSAMPLE = 10.0  # a hard bound: the filter never draws more than this many per requested pair
 
 # Fewer held-out tiles than this (per label) make a percentile meaningless: use training tiles.
 MIN_HELDOUT_TILES = 8

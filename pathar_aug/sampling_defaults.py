@@ -34,6 +34,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from pathar_aug.filter_order import DEFAULT_OVERSAMPLE
 from pathar_aug.quality_filter import foreground_share, is_empty
 from pathar_aug.sampler import SamplingConfig
 
@@ -51,7 +52,7 @@ CANDIDATES: tuple[dict, ...] = (
     {"guidance": 1.5, "temperature": 0.95, "top_k": 0, "top_p": 0.98},
     *({"guidance": 1.5, "temperature": t, "top_k": 0, "top_p": 1.0} for t in (1.0, 1.1, 1.2, 1.25, 1.3, 1.4)),
 )
-FILTER_OVERSAMPLE = 3  # as `synthesize` draws by default: the filter keeps one in three
+FILTER_OVERSAMPLE = round(DEFAULT_OVERSAMPLE)  # as `synthesize` draws by default: the filter keeps one in three
 MIN_YIELD = 0.5  # a setting whose filter keeps under half the best setting's pairs is not eligible
 # the rule that made a sampling.json: a file made by another is chosen again at `train --resume`
 SAMPLING_RULE = "per-label ladder, judged after the quality filter, ties within the standard error"

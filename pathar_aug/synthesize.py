@@ -160,7 +160,8 @@ def synthesize_into(
     same as one process makes. The run folder (and ``masks_from``) must be readable on every
     machine; the dataset only on rank 0's. Only rank 0's result holds the counts.
     """
-    from pathar_aug.quality_filter import DEFAULT_OVERSAMPLE, MAX_OVERSAMPLE, QualityFilter, quota
+    from pathar_aug.filter_order import DEFAULT_OVERSAMPLE, MAX_OVERSAMPLE
+    from pathar_aug.quality_filter import QualityFilter, quota
 
     main = distributed.is_main()
     reporter = reporter_for(reporter, log) if main else distributed.reporter_of(reporter)[0]

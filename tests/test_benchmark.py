@@ -291,7 +291,7 @@ def test_filtered_row_keeps_the_pairs_the_quality_filter_ranks_best(study, tmp_p
 
     settings = BenchmarkSettings(images=str(study.images), masks=str(study.masks), real=4, synthetic=(0, 3),
                                  synthetic_only=0, extra_rows="largest", extra_kinds=("rendered", "classical", "filtered"),
-                                 filter_oversample=3,
+                                 filter_oversample=2.5,  # fractional: ceil(3 x 2.5) = 8 candidates per label
                                  val=4, model=str(study.out / "generator"), epochs=1, iterations=2, seeds=1)
     assert [(g.numeral, g.kind) for g in settings.groups][-1] == ("V", KIND_FILTERED)
     prepared = prepare(settings, tmp_path / "bench", torch.device("cpu"), log=lambda *_: None, show_progress=False)
@@ -301,7 +301,7 @@ def test_filtered_row_keeps_the_pairs_the_quality_filter_ranks_best(study, tmp_p
     acceptance = state["stages"]["filter_acceptance"]
     assert set(acceptance) == set(LABELS)
     for counts in acceptance.values():
-        assert counts["candidates"] == 3 * 3 and counts["kept"] <= 3 and counts["passed"] >= counts["kept"]
+        assert counts["candidates"] == 8 and counts["kept"] <= 3 and counts["passed"] >= counts["kept"]
     # a resumed folder keeps the counts of the runs before it and draws nothing again
     prepare(settings, tmp_path / "bench", torch.device("cpu"), log=lambda *_: None, show_progress=False)
     assert json.loads((prepared.out / "state.json").read_text())["stages"]["filter_acceptance"] == acceptance

@@ -149,6 +149,21 @@ def test_top_up_fills_with_the_best_rest_within_the_empty_cap():
     assert {0, 3} < set(filled) and len(set(filled) & {1, 4}) == 1  # one empty within its cap of 1
 
 
+def test_the_study_judges_the_candidates_synthesize_draws():
+    """The Dice study's filtered row, synthesize and the sampling-defaults ladder draw the same number
+    of candidates per kept pair unless told (a study at 2 topped brightfield up with failing pairs
+    where synthesize at 3 had enough passing ones)."""
+    import inspect
+
+    from pathar_aug import cli, sampling_defaults
+    from pathar_aug.filter_order import DEFAULT_OVERSAMPLE
+    from pathar_aug.study import BenchmarkSettings
+
+    synthesize_default = inspect.signature(cli.synthesize).parameters["oversample"].default.default
+    assert BenchmarkSettings().filter_oversample == synthesize_default == DEFAULT_OVERSAMPLE
+    assert sampling_defaults.FILTER_OVERSAMPLE == DEFAULT_OVERSAMPLE
+
+
 def test_empty_and_full_shares_of_masks():
     masks = [empty_pair(0)[1], full_pair(1)[1], matched(2)[1], matched(3)[1]]
     stray = np.zeros((SIZE, SIZE), np.uint8)

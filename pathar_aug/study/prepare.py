@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import time
@@ -385,7 +386,7 @@ def _chunk_maker(kind: str, seed: int, settings: BenchmarkSettings, generator: G
             # oversample, keep the pairs the filter passes (filter_order); a label whose candidates pass too
             # rarely is topped up with the best of the rest, so every group keeps its size
             n = stop - start
-            images, masks = generator.generate([generator.label_index(label)] * (n * settings.filter_oversample),
+            images, masks = generator.generate([generator.label_index(label)] * math.ceil(n * settings.filter_oversample),
                                                config(label, start), device)
             selection = quality.select(images, masks, label, keep=n, order=settings.filter_order,
                                        **caps(label, start, stop))

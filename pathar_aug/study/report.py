@@ -216,7 +216,7 @@ def markdown_table(settings: BenchmarkSettings, plan: Plan, rows: list[dict], me
     if KIND_FILTERED in kinds:
         kept = ("the pairs the run's quality filter ranks best kept" if settings.filter_order == "agreement" else
                 "the first pairs the run's quality filter passes kept, in the order drawn")
-        lines.append(f"Filtered synthetic: {settings.filter_oversample} generated pairs drawn per kept one, {kept} "
+        lines.append(f"Filtered synthetic: {settings.filter_oversample:g} generated pairs drawn per kept one, {kept} "
                      "(image-mask agreement of its own segmenter, empty and full masks at most at the share of "
                      + ("the generator's training patches" if settings.filter_empty == "run" else
                         "the study's real training tiles of that seed") + "); "

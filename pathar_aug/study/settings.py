@@ -10,7 +10,7 @@ from typing import Sequence
 
 from nnunet_integration.names import safe_name
 from pathar_aug.classical_augment import ClassicalAugment
-from pathar_aug.filter_order import DEFAULT_ORDER, UNRECORDED_ORDER, check_order
+from pathar_aug.filter_order import DEFAULT_ORDER, DEFAULT_OVERSAMPLE, UNRECORDED_ORDER, check_order
 from pathar_aug.mask_classes import MaskClasses, resolve_classes
 
 DEMO_DATA = Path(__file__).resolve().parent.parent / "demo_data"
@@ -188,7 +188,7 @@ class BenchmarkSettings:
     extra_rows: str = "largest"
     extra_kinds: tuple[str, ...] = DEFAULT_EXTRA_KINDS  # rows beside real + synthetic (EXTRA_KINDS)
     unfiltered: bool = True  # the real + unfiltered synthetic rows (False: only the extra kinds' rows)
-    filter_oversample: int = 4  # candidates drawn per kept pair in that row
+    filter_oversample: float = DEFAULT_OVERSAMPLE  # candidates drawn per kept pair in that row (as synthesize)
     filter_order: str = DEFAULT_ORDER  # which passing pairs that row keeps (filter_order.ORDERS)
     filter_empty: str = "run"  # whose empty / full shares cap that row (FILTER_EMPTY)
     val: int = 50  # validation tiles per label
