@@ -55,7 +55,6 @@ FORMAT = "pathar-aug quality filter"
 EMPTY_MAX_FOREGROUND = 0.002
 FULL_MIN_FOREGROUND = 0.998
 
-
 # Fewer held-out tiles than this (per label) make a percentile meaningless: use training tiles.
 MIN_HELDOUT_TILES = 8
 

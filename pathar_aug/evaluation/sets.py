@@ -25,6 +25,8 @@ SWAP = "tokenizer swap"  # (S_p, A_q) of two real tiles, q of any label: does th
 MODEL = "model"
 MODEL_FILTERED = "model, filtered"  # n of 2 x n draws that pass the run's quality filter (filter_order)
 WEAK = "weak: marginal tokens"
+# Fewer than synthesize's DEFAULT_OVERSAMPLE (3): the evaluation's filtered row shows what the filter
+# selects from a fixed draw, and every committed generation-quality table was made at 2.
 FILTER_OVERSAMPLE = 2
 
 # --------------------------------------------------------------------------------- set caching
